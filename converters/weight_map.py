@@ -1,0 +1,191 @@
+"""The shared machinery of the declarative weight maps.
+
+Flax submodules carry the Hugging Face names, so most parameters map by one
+rule: the Flax path `a/b/kernel` is the checkpoint tensor `a.b.weight`,
+transposed; `embedding`, `weight`, `bias` keep their name. A family's map
+(`WeightMap`) lists only what differs: renamed or fused tensors, tensors
+stacked from several checkpoint entries (MoE experts), dequantisation, and the
+checkpoint tensors it skips on purpose (a vision tower), each with a reason.
+
+`plan` turns a config into one `ParamPlan` per Flax parameter before any
+weight is read, and refuses a checkpoint with a tensor left unused or a
+parameter left unfilled. `load` then streams tensor by tensor: each Flax
+parameter is assembled in one host buffer, handed to the device and released,
+so the host never holds two copies of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from converters.safetensors_io import Checkpoint
+from maxact_jax.config import ModelConfig
+from maxact_jax.errors import UserError
+from maxact_jax.models import transformer
+
+
+def identity(a: np.ndarray) -> np.ndarray:
+  return a
+
+
+def transpose(a: np.ndarray) -> np.ndarray:
+  """HF Linear weight [out, in] -> Flax kernel [in, out]."""
+  return a.T
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """One Flax array (or one layer's row of a stacked array) from checkpoint tensors."""
+
+  keys: tuple[str, ...]
+  build: Callable[..., np.ndarray] = identity  # (*tensors) -> array
+
+
+# A rule maps (checkpoint name of the tensor's owner, e.g. 'model.layers.3.') to a
+# Recipe; it is keyed by the Flax path relative to its layer or to the backbone.
+Rule = Callable[[str], Recipe]
+
+
+def same_name(hf_rel: str, build: Callable[..., np.ndarray] = identity) -> Rule:
+  return lambda prefix: Recipe((prefix + hf_rel,), build)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightMap:
+  """What a family's checkpoint layout adds to the default naming rule."""
+
+  layer_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)
+  model_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)
+  # (regex over checkpoint keys, reason): tensors deliberately left unloaded.
+  skip: tuple[tuple[str, str], ...] = ()
+  # Checkpoint name of the layer stack under the backbone prefix.
+  layers_name: str = 'layers'
+
+
+LEAF_RENAMES = {'kernel': ('weight', transpose), 'embedding': ('weight', identity)}
+
+
+def default_rule(flax_rel: Sequence[str]) -> Rule:
+  *owner, leaf = flax_rel
+  hf_leaf, build = LEAF_RENAMES.get(leaf, (leaf, identity))
+  return same_name('.'.join([*owner, hf_leaf]), build)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPlan:
+  path: tuple[str, ...]
+  shape: tuple[int, ...]
+  dtype: Any
+  recipes: tuple[Recipe, ...]  # one per row when stacked
+  stacked: bool
+
+  @property
+  def name(self) -> str:
+    return '/'.join(self.path)
+
+
+def _rule(rules: dict[str, Rule], rel: Sequence[str]) -> Rule:
+  return rules.get('/'.join(rel)) or default_rule(rel)
+
+
+def plan(config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.float32) -> list[ParamPlan]:
+  """One ParamPlan per Flax parameter of the model built from `config`."""
+  abstract = transformer.abstract_params(config, dtype)
+  segments = {s.name: s for s in transformer.plan_segments(config)}
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  plans = []
+  for key_path, leaf in flat:
+    path = tuple(k.key for k in key_path)
+    if path[0] == 'lm_head':
+      recipe = Recipe((config.lm_head_key,), transpose)
+      plans.append(ParamPlan(path, leaf.shape, leaf.dtype, (recipe,), False))
+      continue
+    assert path[0] == 'model', path
+    seg = segments.get(path[1])
+    if seg is None:
+      recipe = _rule(wmap.model_rules, path[1:])(config.weight_prefix)
+      plans.append(ParamPlan(path, leaf.shape, leaf.dtype, (recipe,), False))
+      continue
+    slot, rel = 0, path[2:]
+    if seg.period > 1:
+      slot, rel = int(path[2][len('slot_'):]), path[3:]
+    rule = _rule(wmap.layer_rules, rel)
+    recipes = tuple(rule(f'{config.weight_prefix}{wmap.layers_name}.{seg.layer(r, slot)}.')
+                    for r in range(seg.repeats))
+    plans.append(ParamPlan(path, leaf.shape, leaf.dtype, recipes, True))
+  return plans
+
+
+def check_coverage(plans: Iterable[ParamPlan], available: Iterable[str], wmap: WeightMap,
+                   config: ModelConfig, where: str) -> None:
+  """Every referenced tensor exists; every tensor is referenced or skipped on purpose."""
+  available = set(available)
+  wanted = [k for p in plans for r in p.recipes for k in r.keys]
+  missing = [k for k in wanted if k not in available]
+  if missing:
+    more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
+    raise UserError(f'{where}: checkpoint is missing tensor {missing[0]}{more}')
+  skips = [re.compile(pattern) for pattern, _ in wmap.skip]
+  if config.tie_word_embeddings:
+    # A tied checkpoint may still store the head; it is the embedding by definition.
+    skips.append(re.compile(re.escape(config.lm_head_key) + '$'))
+  used = set(wanted)
+  unused = sorted(k for k in available - used if not any(s.match(k) for s in skips))
+  if unused:
+    more = f' (and {len(unused) - 1} more)' if len(unused) > 1 else ''
+    raise UserError(f'{where}: checkpoint tensor {unused[0]}{more} is not used by the '
+                    f'{config.model_type} weight map')
+
+
+def _np_dtype(dtype) -> np.dtype:
+  return np.dtype(jnp.dtype(dtype))
+
+
+def build_param(ckpt: Checkpoint, p: ParamPlan) -> np.ndarray:
+  """Assemble one Flax parameter in a single host buffer."""
+  out = np.empty(p.shape, _np_dtype(p.dtype))
+  for r, recipe in enumerate(p.recipes):
+    arr = recipe.build(*(ckpt.read(k) for k in recipe.keys))
+    target = out[r] if p.stacked else out
+    if tuple(arr.shape) != target.shape:
+      what = ', '.join(recipe.keys)
+      raise UserError(f'{ckpt.model_dir}: tensor {what} has shape {tuple(arr.shape)} after conversion, '
+                      f'but {p.name} needs {target.shape}')
+    target[...] = arr  # casts (bf16 <-> f32 by round-to-nearest-even, like torch)
+  return out
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = value
+  return tree
+
+
+def load(model_dir: str, config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.float32,
+         place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None) -> dict:
+  """Stream a checkpoint into a Flax parameter tree.
+
+  `place(path, host_array)` puts each finished parameter where it belongs
+  (default: `jax.device_put`); the host buffer is dropped right after.
+  """
+  ckpt = Checkpoint(model_dir)
+  plans = plan(config, wmap, dtype)
+  check_coverage(plans, ckpt.keys(), wmap, config, model_dir)
+  place = place or (lambda path, a: jax.device_put(a))
+  flat = {}
+  for p in plans:
+    host = build_param(ckpt, p)
+    flat[p.path] = place(p.path, host)
+    del host
+  ckpt.close()
+  return unflatten(flat)

@@ -1,0 +1,250 @@
+"""Shared building blocks: RMSNorm, rotary embeddings, attention, gated MLP.
+
+Submodules are named after the Hugging Face PyTorch modules (`q_proj`,
+`input_layernorm`, `mlp.gate_proj`) so that weight maps read one to one and
+taps carry the names the reference hooks use.
+
+Shapes: B batch, T query positions, S key positions, D hidden, H query heads,
+K key/value heads, G = H // K query heads per key/value head, h head_dim.
+Numerical parity choices with transformers are noted where they are made.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maxact_jax.config import ModelConfig, RopeConfig
+
+Array = jax.Array
+DType = Any
+
+
+def precision_for(dtype: DType):
+  """float32 runs ask for full-precision matmuls (TPUs default to bf16 passes)."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def dense(features: int, name: str, *, dtype: DType, use_bias: bool = False) -> nn.Dense:
+  """A Linear with the HF name; kernel is [in, out] (the transpose of HF's weight)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
+                  precision=precision_for(dtype), name=name)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis, computed in float32 like transformers.
+
+  Llama-style (offset 0): normalise in f32, cast back to the input dtype, then
+  multiply by the weight in that dtype. Gemma-style (offset 1): multiply by
+  (1 + weight) in f32, then cast.
+  """
+
+  eps: float
+  dtype: DType
+  offset: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    weight = self.param('weight', init, (x.shape[-1],), self.dtype)
+    input_dtype = x.dtype
+    h = x.astype(jnp.float32)
+    # jnp.mean then lax.rsqrt, as torch: mean of squares, rsqrt(var + eps).
+    var = jnp.mean(h * h, axis=-1, keepdims=True)
+    h = h * jax.lax.rsqrt(var + self.eps)
+    if self.offset:
+      return (h * (self.offset + weight.astype(jnp.float32))).astype(input_dtype)
+    return weight * h.astype(input_dtype)
+
+
+# ---------------------------------------------------------------------------
+# Rotary embeddings.
+
+
+def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
+  return int(head_dim * rope.partial_rotary_factor)
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [rot/2] (float32) and the cos/sin scaling, as transformers'
+  rope initialisers compute them (in float32 where they do)."""
+  dim = rotary_dim(rope, head_dim)
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  pos_freqs = np.power(np.float32(rope.theta), exponents, dtype=np.float32)
+  inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+  scaling = 1.0
+  if rope.rope_type == 'linear':
+    inv_freq = (inv_freq / np.float32(rope.factor)).astype(np.float32)
+  elif rope.rope_type == 'llama3':
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(rope.factor), inv_freq).astype(np.float32)
+    smooth = ((old_len / wavelen - rope.low_freq_factor)
+              / (rope.high_freq_factor - rope.low_freq_factor)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / np.float32(rope.factor) + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+  elif rope.rope_type == 'yarn':
+    inv_freq, scaling = _yarn(rope, dim, pos_freqs)
+  return inv_freq, scaling
+
+
+def _yarn(rope: RopeConfig, dim: int, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
+  factor = rope.factor
+
+  def mscale(scale, m=1.0):
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+  attention_factor = rope.attention_factor
+  if attention_factor is None:
+    if rope.mscale and rope.mscale_all_dim:
+      attention_factor = float(mscale(factor, rope.mscale) / mscale(factor, rope.mscale_all_dim))
+    else:
+      attention_factor = mscale(factor)
+  base, orig = rope.theta, rope.original_max_position_embeddings
+
+  def correction_dim(rotations):
+    return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+  low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+  if rope.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001
+  ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+  extrapolation = (1 - ramp).astype(np.float32)
+  inv_extra = (np.float32(1.0) / pos_freqs).astype(np.float32)
+  inv_inter = (np.float32(1.0) / (np.float32(factor) * pos_freqs)).astype(np.float32)
+  inv_freq = (inv_inter * (1 - extrapolation) + inv_extra * extrapolation).astype(np.float32)
+  return inv_freq, attention_factor
+
+
+def rope_tables(rope: RopeConfig, head_dim: int, positions: Array, dtype: DType) -> tuple[Array, Array]:
+  """cos, sin [B, T, rot] in `dtype`, for integer positions [B, T].
+
+  As transformers: the angle is position * inv_freq in float32, cos/sin in
+  float32 times the attention scaling, then cast to the activation dtype.
+  """
+  inv_freq, scaling = inv_frequencies(rope, head_dim)
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return (jnp.cos(emb) * scaling).astype(dtype), (jnp.sin(emb) * scaling).astype(dtype)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x [B, T, N, h]; rotates the first `rot` dims of each head (partial rotary)."""
+  rot = cos.shape[-1]
+  x_rot, x_pass = x[..., :rot], x[..., rot:]
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  half = rot // 2
+  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  out = x_rot * cos + rotated * sin
+  return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+# ---------------------------------------------------------------------------
+# Attention.
+
+
+def attention_mask(valid: Array, window: Array | int | None = None) -> Array:
+  """Boolean [B, 1, 1, T, S] mask: causal, key not padding, inside the sliding window.
+
+  `window` (traced or static) of 0 or None means full attention; otherwise a key is
+  visible when q - k < window, transformers' sliding-window rule.
+  """
+  t = valid.shape[1]
+  q = jnp.arange(t)[:, None]
+  k = jnp.arange(t)[None, :]
+  mask = (k <= q)[None] & valid[:, None, :]
+  if window is not None:
+    window = jnp.asarray(window)
+    mask = mask & ((window <= 0) | (q - k < window))[None]
+  return mask[:, None, None]
+
+
+class Attention(nn.Module):
+  """Multi-head attention with GQA, optional q/k norm, rope, soft-capping and sinks."""
+
+  config: ModelConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+    c = self.config
+    b, t, _ = x.shape
+    h, k, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q_out = h * hd * (2 if c.attn_output_gate else 1)
+    q = dense(q_out, 'q_proj', dtype=self.dtype, use_bias=c.qkv_bias)(x)
+    if c.attn_output_gate:
+      # Qwen3.5 packs [query | gate] per head in q_proj.
+      q, gate = jnp.split(q.reshape(b, t, h, 2 * hd), 2, axis=-1)
+      gate = gate.reshape(b, t, h * hd)
+    q = q.reshape(b, t, h, hd)
+    key = dense(k * hd, 'k_proj', dtype=self.dtype, use_bias=c.qkv_bias)(x).reshape(b, t, k, hd)
+    value = dense(k * hd, 'v_proj', dtype=self.dtype, use_bias=c.qkv_bias)(x).reshape(b, t, k, hd)
+    if c.qk_norm:
+      q = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name='q_norm')(q)
+      key = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name='k_norm')(key)
+    q = apply_rope(q, cos, sin)
+    key = apply_rope(key, cos, sin)
+
+    q = q.reshape(b, t, k, h // k, hd)
+    prec = precision_for(self.dtype)
+    # As transformers' eager path: logits in the activation dtype, times the scale.
+    logits = jnp.einsum('BTKGh,BSKh->BKGTS', q, key, precision=prec) * jnp.asarray(c.scale, self.dtype)
+    if c.attn_logit_softcap:
+      cap = jnp.asarray(c.attn_logit_softcap, self.dtype)
+      logits = jnp.tanh(logits / cap) * cap
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    logits = logits.astype(jnp.float32)
+    if c.attention_sinks:
+      sinks = self.param('sinks', nn.initializers.zeros, (h,), self.dtype)
+      sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, k, h // k, 1, 1), logits.shape[:-1] + (1,))
+      combined = jnp.concatenate([logits, sink], axis=-1)
+      combined = combined - jnp.max(combined, axis=-1, keepdims=True)
+      probs = jax.nn.softmax(combined, axis=-1)[..., :-1]
+    else:
+      # Softmax in float32, then back to the activation dtype (transformers' eager).
+      probs = jax.nn.softmax(logits, axis=-1)
+    probs = probs.astype(self.dtype)
+    out = jnp.einsum('BKGTS,BSKh->BTKGh', probs, value, precision=prec).reshape(b, t, h * hd)
+    if c.attn_output_gate:
+      out = out * jax.nn.sigmoid(gate)
+    return dense(c.hidden_size, 'o_proj', dtype=self.dtype, use_bias=c.o_bias)(out)
+
+
+# ---------------------------------------------------------------------------
+# MLP.
+
+ACTIVATIONS = {
+    'silu': jax.nn.silu,
+    # transformers' "gelu_pytorch_tanh" / "gelu_new": the tanh approximation.
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+class GatedMLP(nn.Module):
+  """down_proj(act(gate_proj(x)) * up_proj(x)): SwiGLU / GeGLU."""
+
+  hidden_size: int
+  intermediate_size: int
+  act: str
+  dtype: DType
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    gate = dense(self.intermediate_size, 'gate_proj', dtype=self.dtype, use_bias=self.use_bias)(x)
+    up = dense(self.intermediate_size, 'up_proj', dtype=self.dtype, use_bias=self.use_bias)(x)
+    h = ACTIVATIONS[self.act](gate) * up
+    return dense(self.hidden_size, 'down_proj', dtype=self.dtype, use_bias=self.use_bias)(h)
