@@ -1,0 +1,70 @@
+"""`maxact-jax <command> [--flags]`: the absl entry point.
+
+Parses the flags of one command and calls its `run()`. Bad input of any kind
+ends as one line `error: ...` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import flags
+
+from maxact_jax.errors import UserError
+
+COMMANDS = {
+    'measure': ('maxact_jax.commands.measure', 'measure every tap of a checkpoint on a corpus'),
+    'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
+    'demo-checkpoint': ('maxact_jax.commands.demo_checkpoint', 'build the demo checkpoint'),
+}
+EXIT_USAGE = 2
+
+
+def usage() -> str:
+  width = max(len(c) for c in COMMANDS)
+  lines = ['usage: maxact-jax <command> [--flag=value ...]', '', 'commands:']
+  lines += [f'  {name:<{width}}  {help_}' for name, (_, help_) in COMMANDS.items()]
+  lines += ['', 'maxact-jax <command> --help lists the flags of a command.']
+  return '\n'.join(lines)
+
+
+def fail(message: str) -> int:
+  print(f'error: {message}', file=sys.stderr)
+  return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ('-h', '--help', 'help'):
+    print(usage())
+    return 0 if len(argv) >= 2 else EXIT_USAGE
+  name = argv[1]
+  if name not in COMMANDS:
+    return fail(f'unknown command {name!r} (commands: {", ".join(COMMANDS)})')
+  module = importlib.import_module(COMMANDS[name][0])
+  if any(a in ('-h', '--help', '-help') for a in argv[2:]):
+    print(f'maxact-jax {name}: {COMMANDS[name][1]}\n')
+    print(flags.FLAGS.module_help(module.__name__))
+    common = 'maxact_jax.commands.common'
+    if common in flags.FLAGS.flags_by_module_dict():
+      print(flags.FLAGS.module_help(common))
+    return 0
+  try:
+    flags.FLAGS([f'maxact-jax {name}'] + argv[2:])
+  except flags.Error as e:
+    return fail(str(e).splitlines()[0])
+  try:
+    return int(module.run() or 0)
+  except UserError as e:
+    return fail(str(e))
+  except KeyboardInterrupt:
+    return fail('interrupted')
+
+
+def entry() -> None:
+  sys.exit(main())
+
+
+if __name__ == '__main__':
+  entry()

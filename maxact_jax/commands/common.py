@@ -1,0 +1,39 @@
+"""Flags that several commands share, defined once, and their checks."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from maxact_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+
+DTYPES = ('bfloat16', 'float32', 'float16')
+
+
+def define_model_flags() -> None:
+  flags.DEFINE_string('model_path', None, 'Hugging Face checkpoint directory (config.json, '
+                      '*.safetensors, tokenizer.json). Default: the demo checkpoint, built on first use.')
+  flags.DEFINE_string('dtype', 'bfloat16', f'Activation and weight dtype: one of {", ".join(DTYPES)}.')
+
+
+def define_data_flags(max_samples: int | None = 2000, max_seq_len: int | None = 32768,
+                      batch_size: int = 8) -> None:
+  flags.DEFINE_string('data_path', None, 'Corpus: jsonl with input_ids (the reference format) or text '
+                      '(+ optional category). Default: the built-in corpus.')
+  flags.DEFINE_integer('max_samples', max_samples, 'Use at most this many samples (in file order).')
+  flags.DEFINE_integer('max_seq_len', max_seq_len, 'Truncate samples to this many tokens (reported).')
+  flags.DEFINE_integer('batch_size', batch_size, 'Sequences per batch.')
+
+
+def check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
+  if value is None and allow_none:
+    return
+  if value is None or value < 1:
+    raise UserError(f'--{name} must be a positive integer, got {value}')
+
+
+def check_dtype(value: str) -> str:
+  if value not in DTYPES:
+    raise UserError(f'--dtype={value} is not supported (choose from {", ".join(DTYPES)})')
+  return value

@@ -1,0 +1,124 @@
+"""Results files in the reference's schema (a superset of it), written atomically.
+
+`<output_dir>/json/<model>_activation_stats.json` keeps the reference's
+per-tap scalars (`per_layer_stats`); `<model>_top5_stats.json` its top-K lists.
+What this project adds sits under new top-level keys, so tools written for the
+reference read our files unchanged:
+
+- `extremes`: per tap, where its max and min sit (sample index in the corpus,
+  token position, token id and text, channel);
+- `run`: how the numbers were made (dtype, batch shapes, padding, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+from maxact_jax import stats
+from maxact_jax.errors import UserError
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  """Write via a temporary file in the same directory and rename: never half-written."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+  try:
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def atomic_write_json(path: str, data: Any) -> None:
+  atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + '\n')
+
+
+def ensure_output_dir(output_dir: str) -> str:
+  """`<output_dir>/json`, created; an output path that is a file is a UserError."""
+  if not output_dir:
+    raise UserError('no --output_dir given')
+  for path in (output_dir, os.path.join(output_dir, 'json')):
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise UserError(f'output path {path} exists and is not a directory')
+  json_dir = os.path.join(output_dir, 'json')
+  try:
+    os.makedirs(json_dir, exist_ok=True)
+  except OSError as e:
+    raise UserError(f'cannot create output directory {json_dir}: {e.strerror or e}') from None
+  return json_dir
+
+
+def model_name_of(model_path: str) -> str:
+  return os.path.basename(os.path.normpath(model_path))
+
+
+def build_documents(*, header: dict[str, Any], taps: dict[str, stats.TapStats],
+                    describe: Callable[[tuple[int, int, int]], dict[str, Any]] | None = None,
+                    run_info: dict[str, Any] | None = None) -> tuple[dict, dict]:
+  """(activation_stats document, top5_stats document) from the merged tap states.
+
+  header: model_name, model_path, model_type, num_hidden_layers, hidden_size,
+    data_path, num_samples, max_seq_len (the reference's header fields).
+  describe: (sample, position, channel) -> location fields (token id, text).
+  """
+  summary = {name: t.finalize() for name, t in taps.items()}
+  summary = {k: v for k, v in summary.items() if v}
+  value, location = stats.global_max(summary)
+  per_layer, top5 = {}, {}
+  for name, entry in summary.items():
+    per_layer[name] = {k: float(v) for k, v in entry.items() if k not in stats.TOPK_FIELDS}
+    t = taps[name]
+    per_layer[name]['nan_count'] = float(t.nan)
+    per_layer[name]['posinf_count'] = float(t.posinf)
+    per_layer[name]['neginf_count'] = float(t.neginf)
+    lists = {k: v for k, v in entry.items() if k in stats.TOPK_FIELDS}
+    if lists:
+      top5[name] = lists
+  describe = describe or (lambda at: {'sample': at[0], 'position': at[1], 'channel': at[2]})
+  extremes = {}
+  for name in summary:
+    locs = taps[name].locations()
+    extremes[name] = {'max': describe(locs['max']), 'min': describe(locs['min'])}
+  doc = dict(header)
+  doc['global_max_activation'] = value
+  doc['global_max_location'] = location
+  doc['per_layer_stats'] = per_layer
+  if location:
+    tap, which = location.rsplit(' (', 1)
+    doc['global_max_detail'] = {'tap': tap, 'which': which.rstrip(')'), **extremes[tap][which.rstrip(')')]}
+  doc['extremes'] = extremes
+  nonfinite = {name: {'nan': t.nan, 'posinf': t.posinf, 'neginf': t.neginf}
+               for name, t in taps.items() if t.nan or t.posinf or t.neginf}
+  doc['nonfinite'] = nonfinite
+  if run_info:
+    doc['run'] = run_info
+
+  # Global top-K over the per-tap top-5 lists, as the reference builds it.
+  pairs = [(a, s) for e in top5.values() for a, s in zip(e['top5_abs'], e['top5_signed'])]
+  pairs = sorted(pairs, reverse=True)[:stats.TOP_K]
+  abs_vals = [p[0] for p in pairs]
+  top_doc = dict(header)
+  top_doc.update({
+      'global_top5_abs': abs_vals,
+      'global_top5_signed': [p[1] for p in pairs],
+      'global_top5_abs_mean': sum(abs_vals) / len(abs_vals) if abs_vals else 0.0,
+      'per_layer_stats': top5,
+  })
+  return doc, top_doc
+
+
+def write_documents(output_dir: str, model_name: str, doc: dict, top_doc: dict) -> tuple[str, str]:
+  json_dir = ensure_output_dir(output_dir)
+  main = os.path.join(json_dir, f'{model_name}_activation_stats.json')
+  top = os.path.join(json_dir, f'{model_name}_top5_stats.json')
+  atomic_write_json(main, doc)
+  atomic_write_json(top, top_doc)
+  return main, top
