@@ -16,7 +16,6 @@ from maxact_jax.errors import UserError
 COMMANDS = {
     'measure': ('maxact_jax.commands.measure', 'measure every tap of a checkpoint on a corpus'),
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
-    'demo-checkpoint': ('maxact_jax.commands.demo_checkpoint', 'build the demo checkpoint'),
 }
 EXIT_USAGE = 2
 

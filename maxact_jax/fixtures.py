@@ -1,0 +1,234 @@
+"""Tiny checkpoints made by transformers itself: test fixtures and the demo model.
+
+Nothing can be downloaded, so every checkpoint the tests and the demo use is
+built here: a transformers config with a few layers, random init with a fixed
+seed, `save_pretrained` to safetensors, and a byte-level BPE tokenizer trained
+with the `tokenizers` library on the built-in corpus. The demo checkpoint has
+a planted outlier: one MLP unit of a known layer fires on the BOS token and
+writes a large value into a known residual channel, the way massive
+activations look in real models (a few tokens, one channel, from one layer on).
+
+This module imports torch (inside the functions); the measurement path does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from maxact_jax.errors import UserError
+
+BOS = '<|bos|>'
+EOS = '<|eos|>'
+PAD = '<|pad|>'
+
+# Small but complete shapes per family (GQA, several layers).
+TINY: dict[str, dict[str, Any]] = {
+    'llama': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16),
+    'qwen2': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2),
+    'qwen3': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16),
+}
+
+
+def config_class(model_type: str):
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  return transformers.AutoConfig.for_model(model_type).__class__
+
+
+def make_config(model_type: str, vocab_size: int = 256, **overrides):
+  """A tiny transformers config of `model_type` (overrides win)."""
+  kwargs = dict(TINY.get(model_type, {}))
+  kwargs.update(vocab_size=vocab_size, tie_word_embeddings=False)
+  kwargs.update(overrides)
+  return config_class(model_type)(**kwargs)
+
+
+def random_model(config, seed: int = 0, dtype: str = 'float32'):
+  """transformers' own random init of `config`, deterministic for `seed`."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+  return model.eval()
+
+
+def save_checkpoint(model, out_dir: str, tokenizer_dir: str | None = None, max_shard_size: str | None = None) -> str:
+  os.makedirs(out_dir, exist_ok=True)
+  kwargs = {'max_shard_size': max_shard_size} if max_shard_size else {}
+  model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+  if tokenizer_dir:
+    for name in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
+      src = os.path.join(tokenizer_dir, name)
+      if os.path.exists(src):
+        with open(src, 'rb') as f, open(os.path.join(out_dir, name), 'wb') as g:
+          g.write(f.read())
+  return out_dir
+
+
+def tiny_checkpoint(model_type: str, out_dir: str, *, seed: int = 0, vocab_size: int = 256,
+                    dtype: str = 'float32', tokenizer_dir: str | None = None, **overrides) -> str:
+  """Build and save a random-init tiny checkpoint; returns its directory."""
+  if tokenizer_dir:
+    vocab_size = tokenizer_vocab_size(tokenizer_dir)
+  model = random_model(make_config(model_type, vocab_size, **overrides), seed, dtype)
+  return save_checkpoint(model, out_dir, tokenizer_dir)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer.
+
+
+def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 2048) -> str:
+  """A byte-level BPE tokenizer that prepends BOS, saved as tokenizer.json."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=import-outside-toplevel
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+  tok.train_from_iterator(texts, trainer)
+  bos_id = tok.token_to_id(BOS)
+  tok.post_processor = processors.TemplateProcessing(single=f'{BOS} $A', pair=f'{BOS} $A {BOS} $B',
+                                                     special_tokens=[(BOS, bos_id)])
+  os.makedirs(out_dir, exist_ok=True)
+  tok.save(os.path.join(out_dir, 'tokenizer.json'))
+  with open(os.path.join(out_dir, 'tokenizer_config.json'), 'w') as f:
+    json.dump({'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': BOS, 'eos_token': EOS,
+               'pad_token': PAD, 'model_max_length': 1 << 20}, f, indent=2)
+  return out_dir
+
+
+def tokenizer_vocab_size(tokenizer_dir: str) -> int:
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+
+  return Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json')).get_vocab_size()
+
+
+def token_id(tokenizer_dir: str, token: str) -> int:
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+
+  return Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json')).token_to_id(token)
+
+
+# ---------------------------------------------------------------------------
+# Planted outlier.
+
+
+@dataclasses.dataclass(frozen=True)
+class PlantedOutlier:
+  layer: int
+  channel: int
+  token_id: int
+  unit: int  # the MLP intermediate unit that fires
+  strength: float  # the down_proj weight written into the channel
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def plant_outlier(model, *, layer: int, channel: int, token_id: int, unit: int = 0,
+                  strength: float = 40.0, fire: float = 6.0, probe_ids: list[list[int]] | None = None) -> PlantedOutlier:
+  """Make MLP unit `unit` of `layer` fire on `token_id` and write into `channel`.
+
+  The unit's gate and up rows are set along the mean direction of the trigger
+  token's normalised hidden state entering that MLP (measured on `probe_ids`),
+  scaled so the trigger's pre-activation is about `fire`; every other token
+  sees a small random projection. down_proj[channel, unit] = strength then
+  puts about silu(fire) * fire * strength into the residual channel for the
+  trigger token only.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+
+  decoder = model.model.layers[layer]
+  captured = []
+  hook = decoder.post_attention_layernorm.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+  probe_ids = probe_ids or [[token_id] + list(range(3, 40))]
+  with torch.no_grad():
+    for ids in probe_ids:
+      model(input_ids=torch.tensor([ids]))
+  hook.remove()
+  vecs = [h[0][torch.tensor(ids) == token_id] for h, ids in zip(captured, probe_ids)]
+  direction = torch.cat(vecs).mean(0)
+  scale = fire / float(direction.norm() ** 2)
+  with torch.no_grad():
+    mlp = decoder.mlp
+    mlp.gate_proj.weight[unit] = direction * scale
+    mlp.up_proj.weight[unit] = direction * scale
+    mlp.down_proj.weight[:, unit] = 0.0
+    mlp.down_proj.weight[channel, unit] = strength
+  return PlantedOutlier(layer, channel, token_id, unit, strength)
+
+
+# ---------------------------------------------------------------------------
+# The demo checkpoint.
+
+DEMO_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=32)
+DEMO_OUTLIER = dict(layer=2, channel=37, unit=11)
+DEMO_INFO = 'maxact_demo.json'
+
+
+def build_demo_checkpoint(out_dir: str, model_type: str = 'qwen3', seed: int = 0) -> str:
+  """The built-in default model: a qwen3-shaped random init with a planted outlier on BOS."""
+  from maxact_jax.corpus import builtin_corpus  # pylint: disable=import-outside-toplevel
+
+  texts = [r['text'] for r in builtin_corpus(seed=seed)]
+  tmp = out_dir + '.partial'
+  tok_dir = train_tokenizer(texts, tmp, vocab_size=4096)
+  vocab = tokenizer_vocab_size(tok_dir)
+  model = random_model(make_config(model_type, vocab, **DEMO_SHAPE), seed)
+  bos = token_id(tok_dir, BOS)
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  tok = Tokenizer.from_file(os.path.join(tok_dir, 'tokenizer.json'))
+  probes = [e.ids[:64] for e in tok.encode_batch(texts[:8])]
+  planted = plant_outlier(model, token_id=bos, probe_ids=probes, **DEMO_OUTLIER)
+  save_checkpoint(model, tmp)
+  with open(os.path.join(tmp, DEMO_INFO), 'w') as f:
+    json.dump({'planted_outlier': planted.to_json(), 'seed': seed, 'model_type': model_type}, f, indent=2)
+  if os.path.exists(out_dir):
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(out_dir)
+  os.replace(tmp, out_dir)
+  return out_dir
+
+
+def demo_checkpoint_dir() -> str:
+  """Where the demo checkpoint lives: $MAXACT_DEMO_DIR or runs/demo-checkpoint in the project."""
+  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs', 'demo-checkpoint')
+  return os.environ.get('MAXACT_DEMO_DIR', default)
+
+
+def ensure_demo_checkpoint(path: str | None = None) -> str:
+  path = path or demo_checkpoint_dir()
+  if not os.path.isfile(os.path.join(path, DEMO_INFO)):
+    try:
+      import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except ImportError:
+      raise UserError('building the demo checkpoint needs torch and transformers '
+                      '(pip install maxact-jax[torch]); or pass --model_path') from None
+    print(f'building the demo checkpoint in {path} (once) ...', flush=True)
+    build_demo_checkpoint(path)
+  return path
+
+
+def planted_info(model_dir: str) -> dict | None:
+  path = os.path.join(model_dir, DEMO_INFO)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get('planted_outlier')
+
+
+def random_token_ids(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+  rng = np.random.RandomState(seed)
+  return [rng.randint(0, vocab_size, n).tolist() for n in lengths]
