@@ -193,7 +193,9 @@ def plan_batches(lengths: np.ndarray, batch_size: int, max_shapes: int = 8,
   if batch_size < 1:
     raise UserError(f'batch size must be at least 1, got {batch_size}')
   order = np.argsort(-lengths, kind='stable')
-  groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+  # Rows ascend by sample index inside a batch: ties between equal values then
+  # resolve to the smallest sample on device as on the host (see stats.TapStats).
+  groups = [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
   natural = [int(-(-lengths[g].max() // pad_multiple) * pad_multiple) for g in groups]
   # Batches are in non-increasing natural length: choose cut points so each run of
   # batches shares its first (longest) batch's length.

@@ -192,8 +192,9 @@ class TapStats:
   def update(self, partial: dict[str, np.ndarray], sample_ids: np.ndarray, n_tokens: int | None = None) -> None:
     """Fold one batch's partial (numpy) into the state.
 
-    sample_ids: [B] corpus index of each batch row (rows that are all padding may
-    carry any id: they contribute nothing). n_tokens: valid tokens in the batch.
+    sample_ids: [B] corpus index of each batch row, ascending over the rows that
+    hold tokens (the device breaks ties by row, so ascending rows make that the
+    smallest sample); all-padding rows may carry any id. n_tokens: valid tokens.
     """
     p = partial
     if int(p['count'].sum()) == 0:
@@ -286,9 +287,10 @@ class TapStats:
 
   def finalize(self) -> dict[str, Any]:
     """The reference's per-tap fields, in its order (scalars, then top-K lists)."""
-    n = self.count
-    if n == 0:
+    if self.count == 0:
       return {}
+    # Moments over finite elements (non-finite ones are counted, not summed).
+    n = max(self.count - self.nan - self.posinf - self.neginf, 1)
     mean = self.sum / n
     mean_sq = self.sum_sq / n
     out: dict[str, Any] = {
@@ -298,7 +300,7 @@ class TapStats:
         'rms': mean_sq**0.5,
         'max': self.max,
         'min': self.min,
-        'count': n,
+        'count': self.count,
     }
     if not self.full:
       return out
