@@ -1,0 +1,1 @@
+"""The `maxact-jax <command>` modules: each defines its flags and a `run() -> int`."""
