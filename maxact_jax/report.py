@@ -317,11 +317,12 @@ def model_entry(data: Mapping[str, Any], path: Path, results_dir: Path) -> dict[
   hidden_layers = sorted(i for t in pls if t.endswith('_hidden') and (i := layer_of(t)) is not None)
   if not isinstance(n_layers, int) or n_layers <= 0:
     n_layers = (hidden_layers[-1] + 1) if hidden_layers else None
-  residual = []
+  residual: dict[str, list] = {'layer': [], 'max_abs': []}
   for i in hidden_layers:
     v = _abs_peak(pls[f'layer_{i}_hidden'])
     if v is not None and (n_layers is None or i < n_layers):
-      residual.append([i, v])
+      residual['layer'].append(i)
+      residual['max_abs'].append(v)
   extra = [i for i in hidden_layers if n_layers is not None and i >= n_layers]
 
   peaks: dict[str, float] = {}
@@ -904,14 +905,16 @@ def _log_axis(ax, label: str) -> None:
 
 def plot_residual(summary: Mapping[str, Any]) -> bytes | None:
   """Layerwise max |x| of the residual stream, one line per model, by relative depth."""
-  models = [m for m in summary['models'] if m['residual_layerwise']]
+  models = [m for m in summary['models'] if m['residual_layerwise']['layer']]
   if not models:
     return None
   styles = _styles(summary)
   fig = _figure(11, max(6.0, 0.22 * len(models) + 1))
   ax = fig.add_subplot()
   for m in models:
-    pts = [(l, v) for l, v in m['residual_layerwise'] if isinstance(v, (int, float)) and 0 < v < math.inf]
+    rl = m['residual_layerwise']
+    pts = [(l, v) for l, v in zip(rl['layer'], rl['max_abs'])
+           if isinstance(v, (int, float)) and 0 < v < math.inf]
     if not pts:
       continue
     n = m['num_hidden_layers'] or (pts[-1][0] + 1)

@@ -168,11 +168,12 @@ def test_reference_models(ref_summary):
   assert ling['component_peaks']['mlp'] == 10.4375
   assert ling['component_peaks']['moe'] == 7424.0
   assert ling['extra_layers'] == [20]
-  assert len(ling['residual_layerwise']) == 20
+  assert ling['residual_layerwise']['layer'] == list(range(20))
   assert by_name(models, 'Qwen3.5-0.8B')['sun_pass'] is False
   assert by_name(models, 'Qwen3-8B')['sun_pass'] is True
   # Residual stream layerwise max |x| = max(|max|, |min|).
-  assert by_name(models, 'gemma-2b')['residual_layerwise'][11] == [11, 2992.0]
+  gemma = by_name(models, 'gemma-2b')['residual_layerwise']
+  assert gemma['max_abs'][:3] == [324.0, 346.0, 400.0] and gemma['max_abs'][11] == 2992.0
 
 
 def test_reference_residual_stream_count(ref_summary):
