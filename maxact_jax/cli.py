@@ -16,6 +16,7 @@ from maxact_jax.errors import UserError
 COMMANDS = {
     'measure': ('maxact_jax.commands.measure', 'measure every tap of a checkpoint on a corpus'),
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
+    'report': ('maxact_jax.commands.report', 'cross-model report with plots from results files'),
 }
 EXIT_USAGE = 2
 
