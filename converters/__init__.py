@@ -7,7 +7,8 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from converters import dense
-from converters.weight_map import WeightMap, load, plan
+from converters.safetensors_io import Checkpoint
+from converters.weight_map import WeightMap, check_coverage, load, plan
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 
@@ -23,10 +24,16 @@ def weight_map(config: ModelConfig) -> WeightMap:
     raise UserError(f'no weight map for model_type {config.model_type!r}') from None
 
 
+def check_checkpoint(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32) -> None:
+  """Read only the headers: every tensor is readable and the map covers them exactly."""
+  wmap = weight_map(config)
+  check_coverage(plan(config, wmap, dtype), Checkpoint(model_dir).keys(), wmap, config, model_dir)
+
+
 def load_params(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32,
                 place: Callable | None = None) -> dict:
   """Flax parameters of the checkpoint in `model_dir`, in `dtype`."""
   return load(model_dir, config, weight_map(config), dtype, place)
 
 
-__all__ = ['MAPS', 'WeightMap', 'load_params', 'plan', 'weight_map']
+__all__ = ['MAPS', 'WeightMap', 'check_checkpoint', 'load_params', 'plan', 'weight_map']

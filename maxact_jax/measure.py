@@ -184,6 +184,8 @@ def measure(opts: MeasureOptions) -> Measurement:
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   config = load_config(opts.model_path)
+  import converters  # pylint: disable=import-outside-toplevel
+  converters.check_checkpoint(opts.model_path, config, DTYPES[opts.dtype])  # fail fast, headers only
   corpus = load_measure_corpus(opts, config)
   plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes)
   timings['data_s'] = time.perf_counter() - t0

@@ -15,11 +15,8 @@ import os
 from pathlib import Path
 
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 
-from maxact_jax import report
-from maxact_jax.commands import report as report_command
+from maxact_jax import cli, report
 from maxact_jax.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared'
@@ -360,15 +357,10 @@ def test_user_errors(tmp_path):
 
 
 def test_command(ref_dir, tmp_path, capsys):
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS(['maxact-jax'], known_only=True)
-  with flagsaver.flagsaver(results_dir=str(ref_dir), output_dir=str(tmp_path / 'o'), pairs=None):
-    assert report_command.run() == 0
+  assert cli.main(['maxact-jax', 'report', f'--results_dir={ref_dir}', f'--output_dir={tmp_path / "o"}']) == 0
   assert json.loads((tmp_path / 'o' / 'summary.json').read_text())['residual_stream_max']['count'] == 5
   assert '7 models; residual stream carries the global max in 5 of 7' in capsys.readouterr().out
-  with flagsaver.flagsaver(results_dir=None, output_dir=str(tmp_path / 'o')):
-    with pytest.raises(UserError, match='--results_dir is required'):
-      report_command.run()
-  with flagsaver.flagsaver(results_dir=str(tmp_path / 'nope'), output_dir=str(tmp_path / 'o')):
-    with pytest.raises(UserError, match='does not exist'):
-      report_command.run()
+  assert cli.main(['maxact-jax', 'report', f'--output_dir={tmp_path / "o"}']) == 2
+  assert capsys.readouterr().err == 'error: --results_dir is required (a folder holding *_activation_stats.json files)\n'
+  assert cli.main(['maxact-jax', 'report', f'--results_dir={tmp_path / "nope"}', f'--output_dir={tmp_path / "o"}']) == 2
+  assert 'does not exist' in capsys.readouterr().err

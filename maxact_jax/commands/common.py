@@ -1,4 +1,9 @@
-"""Flags that several commands share, defined once, and their checks."""
+"""Flags that several commands share, defined once here, and their checks.
+
+Every command owns a `flags.FlagValues` of its own (its module's `FLAGS`), so
+two commands can define a flag of the same name with different defaults, and
+several commands can run in one process (the tests do).
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,26 @@ from absl import flags
 
 from maxact_jax.errors import UserError
 
-FLAGS = flags.FLAGS
-
 DTYPES = ('bfloat16', 'float32', 'float16')
 
 
-def define_model_flags() -> None:
+def define_model_flags(fv: flags.FlagValues, dtype: str = 'bfloat16') -> None:
   flags.DEFINE_string('model_path', None, 'Hugging Face checkpoint directory (config.json, '
-                      '*.safetensors, tokenizer.json). Default: the demo checkpoint, built on first use.')
-  flags.DEFINE_string('dtype', 'bfloat16', f'Activation and weight dtype: one of {", ".join(DTYPES)}.')
+                      '*.safetensors, tokenizer.json). Default: the demo checkpoint, built on first use.',
+                      flag_values=fv)
+  flags.DEFINE_string('dtype', dtype, f'Activation and weight dtype: one of {", ".join(DTYPES)}.',
+                      flag_values=fv)
 
 
-def define_data_flags(max_samples: int | None = 2000, max_seq_len: int | None = 32768,
+def define_data_flags(fv: flags.FlagValues, max_samples: int | None = 2000, max_seq_len: int | None = 32768,
                       batch_size: int = 8) -> None:
   flags.DEFINE_string('data_path', None, 'Corpus: jsonl with input_ids (the reference format) or text '
-                      '(+ optional category). Default: the built-in corpus.')
-  flags.DEFINE_integer('max_samples', max_samples, 'Use at most this many samples (in file order).')
-  flags.DEFINE_integer('max_seq_len', max_seq_len, 'Truncate samples to this many tokens (reported).')
-  flags.DEFINE_integer('batch_size', batch_size, 'Sequences per batch.')
+                      '(+ optional category). Default: the built-in corpus.', flag_values=fv)
+  flags.DEFINE_integer('max_samples', max_samples, 'Use at most this many samples (in file order).',
+                       flag_values=fv)
+  flags.DEFINE_integer('max_seq_len', max_seq_len, 'Truncate samples to this many tokens (reported).',
+                       flag_values=fv)
+  flags.DEFINE_integer('batch_size', batch_size, 'Sequences per batch.', flag_values=fv)
 
 
 def check_positive(name: str, value: int | None, allow_none: bool = True) -> None:

@@ -11,15 +11,15 @@ from absl import flags
 from maxact_jax import crosscheck, fixtures
 from maxact_jax.commands import common
 
-common.define_model_flags()
-flags.FLAGS.set_default('dtype', 'float32')
-flags.DEFINE_string('data_path', None, 'Corpus to take the sample batch from (default: the built-in corpus).')
-flags.DEFINE_integer('num_samples', 4, 'Samples in the batch.')
-flags.DEFINE_integer('max_seq_len', 64, 'Truncate samples to this many tokens.')
-flags.DEFINE_string('output_dir', 'runs/crosscheck', 'crosscheck.json goes here.')
-flags.DEFINE_float('tolerance', None, 'Relative tolerance (default: 1e-4 in float32, looser otherwise).')
-
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
+common.define_model_flags(FLAGS, dtype='float32')
+flags.DEFINE_string('data_path', None, 'Corpus to take the sample batch from (default: the built-in corpus).',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('num_samples', 4, 'Samples in the batch.', flag_values=FLAGS)
+flags.DEFINE_integer('max_seq_len', 64, 'Truncate samples to this many tokens.', flag_values=FLAGS)
+flags.DEFINE_string('output_dir', 'runs/crosscheck', 'crosscheck.json goes here.', flag_values=FLAGS)
+flags.DEFINE_float('tolerance', None, 'Relative tolerance (default: 1e-4 in float32, looser otherwise).',
+                   flag_values=FLAGS)
 
 
 def run() -> int:

@@ -7,13 +7,13 @@ from absl import flags
 from maxact_jax import fixtures, measure
 from maxact_jax.commands import common
 
-common.define_model_flags()
-common.define_data_flags()
-flags.DEFINE_string('output_dir', 'runs/measure', 'Results go to <output_dir>/json/.')
-flags.DEFINE_boolean('progress', True, 'Show a progress bar with tokens/s.')
-flags.DEFINE_boolean('crosscheck', False, 'First check every tap against transformers on a sample batch.')
-
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
+common.define_model_flags(FLAGS)
+common.define_data_flags(FLAGS)
+flags.DEFINE_string('output_dir', 'runs/measure', 'Results go to <output_dir>/json/.', flag_values=FLAGS)
+flags.DEFINE_boolean('progress', True, 'Show a progress bar with tokens/s.', flag_values=FLAGS)
+flags.DEFINE_boolean('crosscheck', False, 'First check every tap against transformers on a sample batch.',
+                     flag_values=FLAGS)
 
 
 def run() -> int:

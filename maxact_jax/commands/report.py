@@ -12,16 +12,18 @@ from absl import flags
 from maxact_jax import report
 from maxact_jax.errors import UserError
 
+FLAGS = flags.FlagValues()
+
 _RESULTS_DIR = flags.DEFINE_string(
     'results_dir', None,
     'Folder searched recursively for *_activation_stats.json (ours or the reference '
-    "repository's) and the matching *_top5_stats.json.")
+    "repository's) and the matching *_top5_stats.json.", flag_values=FLAGS)
 _OUTPUT_DIR = flags.DEFINE_string(
-    'output_dir', None, 'Where summary.json, report.md, report.html and the PNG plots are written.')
+    'output_dir', None, 'Where summary.json, report.md, report.html and the PNG plots are written.', flag_values=FLAGS)
 _PAIRS = flags.DEFINE_string(
     'pairs', None,
     'MoE:dense pairs that replace the automatic match, comma separated, e.g. '
-    'Qwen3-30B-A3B:Qwen3-32B,Qwen3.5-35B-A3B:Qwen3.5-27B.')
+    'Qwen3-30B-A3B:Qwen3-32B,Qwen3.5-35B-A3B:Qwen3.5-27B.', flag_values=FLAGS)
 
 
 def run() -> int:
