@@ -10,6 +10,7 @@ and `measure` is the whole job behind `maxact-jax measure`.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any, Callable, Iterable
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import capture, data, results, stats
+from maxact_jax import capture, data, results, runstate, stats
 from maxact_jax.config import ModelConfig, load_config, read_config_json
 from maxact_jax.errors import UserError
 from maxact_jax.models import transformer
@@ -66,22 +67,92 @@ class Accumulator:
     self.tokens += n_tokens
 
 
-def run(step: Callable, params: Any, batches: Iterable[data.Batch], acc: Accumulator,
-        on_batch: Callable[[data.Batch], None] | None = None) -> Accumulator:
-  """Drive batches through the step, merging each batch while the next one runs."""
+def run(step: Callable, params: Any, batches: Iterable[tuple[int, data.Batch]], acc: Accumulator,
+        on_merged: Callable[[int, data.Batch], None] | None = None) -> Accumulator:
+  """Drive (index, batch) pairs through the step, in order, merging each batch on
+  the host while the device runs the next one (JAX dispatches asynchronously).
+  `on_merged(index, batch)` runs after each merge (progress, state checkpoints)."""
   pending = None
-  for batch in batches:
+
+  def merge(item):
+    out, index, batch = item
+    acc.add(out, batch)
+    if on_merged:
+      on_merged(index, batch)
+
+  for index, batch in batches:
     out = step(params, jnp.asarray(batch.input_ids), jnp.asarray(batch.valid))
     if pending is not None:
-      acc.add(*pending)
-      if on_batch:
-        on_batch(pending[1])
-    pending = (out, batch)
+      merge(pending)
+    pending = (out, index, batch)
   if pending is not None:
-    acc.add(*pending)
-    if on_batch:
-      on_batch(pending[1])
+    merge(pending)
   return acc
+
+
+class CompiledSteps:
+  """The step compiled ahead of time for each batch shape, with its memory estimate."""
+
+  def __init__(self, step: Callable, params: Any):
+    self.step, self.params = step, params
+    self.compiled: dict[tuple[int, int], Any] = {}
+    self.compile_s = 0.0
+
+  def get(self, shape: tuple[int, int]):
+    if shape not in self.compiled:
+      t0 = time.perf_counter()
+      ids = jax.ShapeDtypeStruct(shape, jnp.int32)
+      valid = jax.ShapeDtypeStruct(shape, jnp.bool_)
+      self.compiled[shape] = self.step.lower(self.params, ids, valid).compile()
+      self.compile_s += time.perf_counter() - t0
+    return self.compiled[shape]
+
+  def __call__(self, params, input_ids, valid):
+    return self.get(tuple(input_ids.shape))(params, input_ids, valid)
+
+
+def step_memory_bytes(compiled) -> int | None:
+  """Device memory one call of a compiled step needs: arguments, outputs, temporaries."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
+
+
+def device_memory_bytes() -> int:
+  """What one device can hold: the accelerator's limit, or the host's memory on CPU."""
+  try:
+    mem = jax.devices()[0].memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except  (backends without memory stats)
+    mem = {}
+  if mem.get('bytes_limit'):
+    return int(mem['bytes_limit'])
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_memory(steps: CompiledSteps, plan: data.BatchPlan, capacity: int, headroom: float = 0.9) -> int | None:
+  """Compile the largest batch shape and refuse a run that cannot fit on one device.
+
+  The estimate comes from XLA's memory analysis of the compiled step. On
+  refusal the error suggests the batch size (or sequence length) that fits,
+  scaling the part of the memory that grows with the batch.
+  """
+  shape = max(plan.shapes, key=lambda st: st[0] * st[1])
+  need = step_memory_bytes(steps.get(shape))
+  if need is None or need <= headroom * capacity:
+    return need
+  fixed = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(steps.params))
+  per_row = max((need - fixed) / shape[0], 1)
+  rows = int((headroom * capacity - fixed) // per_row)
+  gb = lambda n: f'{n / 2**30:.3g} GB'
+  if rows >= 1:
+    hint = f'try --batch_size={rows}'
+  else:
+    hint = ('the parameters alone do not fit: shard the model over devices (--parallelism=mesh) '
+            'or shorten --max_seq_len')
+  raise UserError(f'a batch of shape {shape} needs about {gb(need)} of device memory, more than the '
+                  f'{gb(capacity)} available ({int(headroom * 100)}% usable); {hint}')
 
 
 # ---------------------------------------------------------------------------
@@ -99,6 +170,9 @@ class MeasureOptions:
   dtype: str = 'bfloat16'
   max_shapes: int = 8
   progress: bool = True
+  checkpoint_every: int = 0  # save a resumable state every N batches (0: never)
+  resume: bool = False
+  device_memory_gb: float | None = None  # override the device's memory for the guard
 
 
 @dataclasses.dataclass
@@ -181,6 +255,7 @@ def measure(opts: MeasureOptions) -> Measurement:
   if opts.batch_size < 1:
     raise UserError(f'--batch_size must be a positive integer, got {opts.batch_size}')
   results.ensure_output_dir(opts.output_dir)
+  name = results.model_name_of(opts.model_path)
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   config = load_config(opts.model_path)
@@ -188,19 +263,38 @@ def measure(opts: MeasureOptions) -> Measurement:
   converters.check_checkpoint(opts.model_path, config, DTYPES[opts.dtype])  # fail fast, headers only
   corpus = load_measure_corpus(opts, config)
   plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes)
+  fingerprint = runstate.fingerprint(model_path=opts.model_path, samples=corpus.samples, options={
+      'batch_size': opts.batch_size, 'max_seq_len': opts.max_seq_len, 'max_samples': opts.max_samples,
+      'dtype': opts.dtype, 'max_shapes': opts.max_shapes, 'data_path': opts.data_path or 'builtin'})
+  state_file = runstate.state_path(opts.output_dir, name)
+  acc = Accumulator(config)
+  start = 0
+  if opts.resume:
+    start, acc.taps, extra = runstate.load(state_file, fingerprint)
+    acc.batches, acc.tokens = start, int(extra.get('tokens', 0))
   timings['data_s'] = time.perf_counter() - t0
   t0 = time.perf_counter()
   params = load_params(opts.model_path, config, opts.dtype)
   timings['load_s'] = time.perf_counter() - t0
 
-  pad_id = config.pad_token_id or 0
-  step = make_stats_step(config, DTYPES[opts.dtype])
-  acc = Accumulator(config)
-  bar = _progress(corpus.num_tokens, results.model_name_of(opts.model_path)) if opts.progress else None
+  steps = CompiledSteps(make_stats_step(config, DTYPES[opts.dtype]), params)
+  capacity = int(opts.device_memory_gb * 2**30) if opts.device_memory_gb else device_memory_bytes()
+  step_bytes = check_memory(steps, plan, capacity)
+
+  def checkpoint(index: int, batch: data.Batch) -> None:
+    if bar:
+      bar.update(batch.num_tokens)
+    done = index + 1
+    if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < len(plan.groups):
+      runstate.save(state_file, fingerprint_=fingerprint, next_batch=done, taps=acc.taps,
+                    extra={'tokens': acc.tokens})
+
+  bar = _progress(corpus.num_tokens, name, initial=acc.tokens) if opts.progress else None
   t0 = time.perf_counter()
-  run(step, params, data.iter_batches(corpus, plan, pad_id), acc,
-      on_batch=(lambda b: bar.update(b.num_tokens)) if bar else None)
+  batches = enumerate(data.iter_batches(corpus, plan, config.pad_token_id or 0))
+  run(steps, params, ((i, b) for i, b in batches if i >= start), acc, on_merged=checkpoint)
   timings['run_s'] = time.perf_counter() - t0
+  timings['compile_s'] = steps.compile_s
   if bar:
     bar.close()
 
@@ -211,24 +305,28 @@ def measure(opts: MeasureOptions) -> Measurement:
       'batch_size': opts.batch_size,
       'batch_shapes': [list(s) for s in plan.shapes],
       'num_batches': len(plan.groups),
+      'resumed_at_batch': start,
       'tokens': corpus.num_tokens,
       'padding_ratio': plan.padding_ratio(corpus.lengths),
       'truncated_samples': corpus.truncated,
       'truncated_tokens': corpus.tokens_dropped,
+      'step_memory_bytes': step_bytes,
       'devices': [str(d) for d in jax.devices()],
       'jax_version': jax.__version__,
       **{k: round(v, 3) for k, v in timings.items()},
   }
   doc, top_doc = results.build_documents(header=header(opts, config, corpus), taps=acc.taps,
                                          describe=describer(corpus, tokenizer), run_info=run_info)
-  paths = results.write_documents(opts.output_dir, results.model_name_of(opts.model_path), doc, top_doc)
+  paths = results.write_documents(opts.output_dir, name, doc, top_doc)
+  if os.path.exists(state_file):
+    os.remove(state_file)  # the results are complete: nothing left to resume
   return Measurement(config, acc, corpus, plan, doc, top_doc, paths, timings)
 
 
-def _progress(total: int, name: str):
+def _progress(total: int, name: str, initial: int = 0):
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  return tqdm(total=total, unit='tok', unit_scale=True, desc=f'  {name}', file=sys.stderr,
+  return tqdm(total=total, initial=initial, unit='tok', unit_scale=True, desc=f'  {name}', file=sys.stderr,
               dynamic_ncols=True, mininterval=0.5)
 
 

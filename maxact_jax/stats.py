@@ -73,14 +73,16 @@ def tap_partial(x: jax.Array, valid: jax.Array, *, full: bool, top_k: int = TOP_
   Returns arrays whose leading axis is B for additive quantities (summed on the
   host in float64) and small fixed-size arrays for extremes, with coordinates
   (batch row, position, flat channel) as int32.
+
+  Every per-token quantity (max, min and their channels; the median) is taken
+  once and reused: the extremes, the Sun ratios and the top-K all read them.
   """
   b, t = x.shape[:2]
   x = x.astype(jnp.float32).reshape(b, t, -1)
   f = x.shape[-1]
   v = valid[:, :, None]
   isnan = jnp.isnan(x)
-  finite = jnp.isfinite(x)
-  xz = jnp.where(v & finite, x, 0.0)
+  xz = jnp.where(v & jnp.isfinite(x), x, 0.0)
   out = {
       'count': (valid.sum(axis=1) * f).astype(jnp.int32),
       'sum': xz.sum(axis=(1, 2)),
@@ -91,64 +93,91 @@ def tap_partial(x: jax.Array, valid: jax.Array, *, full: bool, top_k: int = TOP_
       'neginf': (v & (x == -jnp.inf)).sum(axis=(1, 2), dtype=jnp.int32),
   }
   usable = v & ~isnan
+  tok = {}
   for name, sign in (('max', 1.0), ('min', -1.0)):
     s = jnp.where(usable, x * sign, -jnp.inf)  # min is the max of -x
-    tok = s.max(axis=-1)
-    tok_ch = jnp.argmax(s, axis=-1)
-    flat = _first_argmax(tok)
+    ch = jnp.argmax(s, axis=-1)  # [B, T]: first channel of each token's extreme
+    tok[name] = jnp.take_along_axis(s, ch[..., None], axis=-1)[..., 0]  # signed max (or -min)
+    flat = _first_argmax(tok[name])
     bi, ti = flat // t, flat % t
-    out[name] = tok[bi, ti] * sign
-    out[f'{name}_at'] = jnp.stack([bi, ti, tok_ch[bi, ti]]).astype(jnp.int32)
+    out[name] = tok[name][bi, ti] * sign
+    out[f'{name}_at'] = jnp.stack([bi, ti, ch[bi, ti]]).astype(jnp.int32)
   if full:
-    out.update(_activation_partial(x, valid, finite, top_k))
+    # max |x| per token (NaN excluded; a token of only NaN counts as 0).
+    tok_abs = jnp.maximum(jnp.maximum(tok['max'], tok['min']), 0.0)
+    out.update(_activation_partial(x, valid, isnan, tok_abs, top_k))
   return out
 
 
 def lower_median(a: jax.Array) -> jax.Array:
-  """The lower of the two middle values along the last axis (torch.median)."""
-  return jnp.sort(a, axis=-1)[..., (a.shape[-1] - 1) // 2]
+  """The lower of the two middle values along the last axis (torch.median's convention),
+  for a >= 0, exactly, without sorting.
+
+  Non-negative float32 values order like their bit patterns read as int32, so
+  the k-th smallest value is found bit by bit from the top: 31 passes of
+  compare-and-count over the last axis (a sort costs several times more on CPU).
+  """
+  k = (a.shape[-1] - 1) // 2
+  bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
+
+  def step(i, prefix):
+    cand = prefix | jnp.left_shift(jnp.int32(1), 30 - i)
+    below = (bits < cand[..., None]).sum(axis=-1, dtype=jnp.int32)
+    return jnp.where(below <= k, cand, prefix)
+
+  prefix = jax.lax.fori_loop(0, 31, step, jnp.zeros(a.shape[:-1], jnp.int32))
+  return jax.lax.bitcast_convert_type(prefix, jnp.float32)
 
 
-def _activation_partial(x, valid, finite, top_k):
+def _activation_partial(x, valid, isnan, tok_abs, top_k):
   b, t, f = x.shape
-  a = jnp.abs(jnp.where(jnp.isnan(x), 0.0, x))
-  tok_max = a.max(axis=-1)
+  a = jnp.abs(jnp.where(isnan, 0.0, x))
   tok_med = lower_median(a)
-  ratio = tok_max / jnp.maximum(tok_med, TINY)
+  ratio = tok_abs / jnp.maximum(tok_med, TINY)
   out = {}
-  for name, key in (('sun_peak', tok_max), ('sun_max_ratio', ratio)):
+  for name, key in (('sun_peak', tok_abs), ('sun_max_ratio', ratio)):
     flat = _first_argmax(jnp.where(valid, key, -jnp.inf))
     bi, ti = flat // t, flat % t
-    out[f'{name}_abs'] = tok_max[bi, ti]
+    out[f'{name}_abs'] = tok_abs[bi, ti]
     out[f'{name}_median'] = tok_med[bi, ti]
     out[f'{name}_ratio'] = ratio[bi, ti]
     out[f'{name}_at'] = jnp.stack([bi, ti]).astype(jnp.int32)
-  out['sun_n_pass'] = (valid & (tok_max > SUN_T_VAL) & (ratio > SUN_T_RATIO)).sum(axis=1, dtype=jnp.int32)
+  out['sun_n_pass'] = (valid & (tok_abs > SUN_T_VAL) & (ratio > SUN_T_RATIO)).sum(axis=1, dtype=jnp.int32)
   r = jnp.where(valid, ratio, 0.0)
   out['sun_sum_ratio'] = r.sum(axis=1)
   out['sun_sum_ratio_sq'] = (r * r).sum(axis=1)
 
   # Log-histogram of |x| over valid, finite elements. The bin arithmetic is the
   # reference's in float32: floor((log10|x| - LOG_MIN) / span * BINS).
-  v = valid[:, :, None] & finite
+  v = valid[:, :, None] & jnp.isfinite(x)
   nonzero = v & (a > 0)
   logs = jnp.log10(jnp.where(nonzero, a, 1.0))
   span = HIST_LOG_MAX - HIST_LOG_MIN
   idx = jnp.clip(jnp.floor((logs - HIST_LOG_MIN) / span * HIST_BINS), 0, HIST_BINS - 1).astype(jnp.int32)
-  rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None, None], idx.shape)
-  flat_bin = jnp.where(nonzero, rows * HIST_BINS + idx, b * HIST_BINS)  # dropped: out of range
+  rows = jnp.arange(b, dtype=jnp.int32)[:, None, None] * HIST_BINS
+  flat_bin = jnp.where(nonzero, rows + idx, b * HIST_BINS)  # out of range: dropped
   hist = jnp.zeros((b * HIST_BINS,), jnp.int32).at[flat_bin.reshape(-1)].add(1, mode='drop')
   out['hist'] = hist.reshape(b, HIST_BINS)
   out['hist_zero'] = (v & (a <= 0)).sum(axis=(1, 2), dtype=jnp.int32)
   out['hist_count'] = v.sum(axis=(1, 2), dtype=jnp.int32)
 
-  # Top-K |x| with the signed value; padding scores -1 so it never wins.
-  k = min(top_k, b * t * f)
-  scores = jnp.where(valid[:, :, None], jnp.where(jnp.isnan(x), -1.0, a), -1.0).reshape(-1)
+  # Top-K |x| with the signed value, in two stages: the K tokens of largest
+  # max |x| hold every one of the K largest elements (a token holding one of them
+  # has max |x| at least the K-th value, and at most K tokens can), so a top-K
+  # over their K rows replaces one over all B * T * D elements. Padding and NaN
+  # score -1 and never win.
+  k_tok = min(top_k, b * t)
+  tok_score = jnp.where(valid, tok_abs, -1.0).reshape(-1)
+  _, toks = jax.lax.top_k(tok_score, k_tok)  # [k_tok] flat token index, ties: lowest first
+  rows_x = x.reshape(b * t, f)[toks]  # [k_tok, F]
+  rows_ok = valid.reshape(-1)[toks][:, None] & ~jnp.isnan(rows_x)
+  scores = jnp.where(rows_ok, jnp.abs(rows_x), -1.0).reshape(-1)
+  k = min(top_k, k_tok * f)
   vals, flat = jax.lax.top_k(scores, k)
+  tok_index = toks[flat // f]
   out['topk_abs'] = vals
-  out['topk_signed'] = x.reshape(-1)[flat]
-  out['topk_at'] = jnp.stack([flat // (t * f), (flat // f) % t, flat % f], axis=-1).astype(jnp.int32)
+  out['topk_signed'] = rows_x.reshape(-1)[flat]
+  out['topk_at'] = jnp.stack([tok_index // t, tok_index % t, flat % f], axis=-1).astype(jnp.int32)
   return out
 
 

@@ -19,6 +19,11 @@ SHARED = os.path.join(os.path.dirname(REPO), 'shared')
 REAL_CONFIGS = os.path.join(SHARED, 'real-configs')
 REFERENCE_RESULTS = os.path.join(SHARED, 'reference-results')
 
+# The real configs and the paper's result files sit beside the checkout (../shared);
+# tests that read them skip, saying why, on a machine without that folder.
+needs_real_configs = pytest.mark.skipif(not os.path.isdir(REAL_CONFIGS),
+                                        reason=f'real configs not found at {REAL_CONFIGS}')
+
 
 class CheckpointFactory:
   """Builds tiny checkpoints on demand, once per (name, arguments)."""
