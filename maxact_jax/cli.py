@@ -17,6 +17,7 @@ COMMANDS = {
     'measure': ('maxact_jax.commands.measure', 'measure every tap of a checkpoint on a corpus'),
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
     'demo-checkpoint': ('maxact_jax.commands.demo_checkpoint', 'build the demo checkpoint'),
+    'bootstrap': ('maxact_jax.commands.bootstrap', 'write category-stratified random subsets of a corpus'),
 }
 EXIT_USAGE = 2
 
@@ -43,15 +44,14 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     return fail(f'unknown command {name!r} (commands: {", ".join(COMMANDS)})')
   module = importlib.import_module(COMMANDS[name][0])
+  fv: flags.FlagValues = module.FLAGS
   if any(a in ('-h', '--help', '-help') for a in argv[2:]):
     print(f'maxact-jax {name}: {COMMANDS[name][1]}\n')
-    print(flags.FLAGS.module_help(module.__name__))
-    common = 'maxact_jax.commands.common'
-    if common in flags.FLAGS.flags_by_module_dict():
-      print(flags.FLAGS.module_help(common))
+    print(fv.get_help(include_special_flags=False))
     return 0
   try:
-    flags.FLAGS([f'maxact-jax {name}'] + argv[2:])
+    fv.unparse_flags()  # main() may run several times in one process (tests)
+    fv([f'maxact-jax {name}'] + argv[2:])
   except flags.Error as e:
     return fail(str(e).splitlines()[0])
   try:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Iterator, Sequence
+import tempfile
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -329,6 +330,37 @@ def describe_corpus(corpus: Corpus) -> str:
   else:
     line += 'none truncated'
   return line
+
+
+def write_text(text: str, path: str) -> None:
+  """Write atomically: a temporary file in the same folder (created if needed), then os.replace.
+
+  Like maxact_jax.results.atomic_write_text, without importing the JAX side (corpus and
+  bootstrap run without it).
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+  except OSError as e:
+    raise UserError(f'cannot write {path}: {e.strerror or e}') from None
+  try:
+    with os.fdopen(fd, 'w', encoding='utf-8', newline='\n') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException as e:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    if isinstance(e, OSError):
+      raise UserError(f'cannot write {path}: {e.strerror or e}') from None
+    raise
+
+
+def write_jsonl(samples: Sequence[Mapping[str, Any]], path: str) -> None:
+  """One JSON object per line (UTF-8, not ASCII-escaped), written atomically."""
+  write_text(''.join(json.dumps(dict(s), ensure_ascii=False) + '\n' for s in samples), path)
 
 
 # ---------------------------------------------------------------------------
