@@ -17,6 +17,7 @@ COMMANDS = {
     'measure': ('maxact_jax.commands.measure', 'measure every tap of a checkpoint on a corpus'),
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
     'demo-checkpoint': ('maxact_jax.commands.demo_checkpoint', 'build the demo checkpoint'),
+    'corpus': ('maxact_jax.commands.corpus', 'write the built-in corpus as JSON lines'),
     'bootstrap': ('maxact_jax.commands.bootstrap', 'write category-stratified random subsets of a corpus'),
 }
 EXIT_USAGE = 2

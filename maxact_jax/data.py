@@ -204,6 +204,22 @@ class Tokenizer:
   def decode_token(self, token_id: int) -> str:
     return self._tok.decode([int(token_id)], skip_special_tokens=False)
 
+  def cut(self, texts: Sequence[str], budgets: Sequence[int]) -> list[str]:
+    """Each text cut at a token boundary so that it encodes to about `budget` tokens, specials included.
+
+    The cut falls at the end of the last whole token that fits; re-encoding a
+    cut text gives the same count, give or take a token where a merge spans the cut.
+    """
+    out = []
+    for text, enc, budget in zip(texts, self._tok.encode_batch(list(texts), add_special_tokens=True), budgets):
+      if len(enc.ids) <= budget:
+        out.append(text)
+        continue
+      ends = [end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask) if not special]
+      keep = max(1, budget - (len(enc.ids) - len(ends)))
+      out.append(text[:ends[keep - 1]])
+    return out
+
   @classmethod
   def maybe(cls, model_dir: str) -> 'Tokenizer | None':
     return cls(model_dir) if os.path.isfile(os.path.join(model_dir, TOKENIZER_FILE)) else None
@@ -290,6 +306,17 @@ def load_corpus(path: str, *, vocab_size: int, max_samples: int | None = None,
     for (i, _), ids in zip(texts, tokenizer.encode([t for _, t in texts])):
       ids_list[i] = ids
   return _make_corpus(ids_list, categories, path, vocab_size, max_seq_len)
+
+
+def load_builtin(tokenizer: Tokenizer, *, vocab_size: int, seed: int = 0, num_samples: int | None = None,
+                 max_seq_len: int | None = None) -> Corpus:
+  """The built-in corpus, its documents cut to their token budgets in the checkpoint's tokenizer."""
+  from maxact_jax import corpus as builtin  # pylint: disable=import-outside-toplevel
+
+  samples = builtin.builtin_corpus(seed, num_samples, cut_to_tokens=tokenizer.cut)
+  ids = tokenizer.encode([s['text'] for s in samples])
+  return _make_corpus(ids, [s['category'] for s in samples], f'built-in corpus (seed {seed})',
+                      vocab_size, max_seq_len)
 
 
 def _make_corpus(ids_list: Sequence[Sequence[int] | None], categories: list[str | None], source: str,
