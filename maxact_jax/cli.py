@@ -17,6 +17,8 @@ COMMANDS = {
     'measure': ('maxact_jax.commands.measure', 'measure every tap of a checkpoint on a corpus'),
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
     'report': ('maxact_jax.commands.report', 'cross-model report with plots from results files'),
+    'corpus': ('maxact_jax.commands.corpus', 'write the built-in corpus as JSON lines'),
+    'bootstrap': ('maxact_jax.commands.bootstrap', 'write category-stratified random subsets of a corpus'),
 }
 EXIT_USAGE = 2
 

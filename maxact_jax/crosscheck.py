@@ -48,11 +48,8 @@ def sample_batch(opts: CrosscheckOptions, vocab_size: int) -> data.Batch:
     corpus = data.load_corpus(opts.data_path, vocab_size=vocab_size, max_samples=opts.num_samples,
                               max_seq_len=opts.max_seq_len, model_dir=opts.model_path)
   else:
-    from maxact_jax import corpus as builtin  # pylint: disable=import-outside-toplevel
-
-    texts = [r['text'] for r in builtin.builtin_corpus(num_samples=opts.num_samples)]
-    ids = data.Tokenizer(opts.model_path).encode(texts)
-    corpus = data.Corpus([np.asarray(i[:opts.max_seq_len], np.int32) for i in ids], [None] * len(ids), 'builtin')
+    corpus = data.load_builtin(data.Tokenizer(opts.model_path), vocab_size=vocab_size,
+                               num_samples=opts.num_samples, max_seq_len=opts.max_seq_len)
   group = np.arange(len(corpus.samples))
   return data.make_batch(corpus, group, int(corpus.lengths.max()), len(group))
 

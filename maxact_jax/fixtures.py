@@ -182,7 +182,7 @@ def build_demo_checkpoint(out_dir: str, model_type: str = 'qwen3', seed: int = 0
   """The built-in default model: a qwen3-shaped random init with a planted outlier on BOS."""
   from maxact_jax.corpus import builtin_corpus  # pylint: disable=import-outside-toplevel
 
-  texts = [r['text'] for r in builtin_corpus(seed=seed)]
+  texts = [r['text'] for r in builtin_corpus(seed=seed)[:600]]  # enough to train a 4k vocabulary
   tmp = out_dir + '.partial'
   tok_dir = train_tokenizer(texts, tmp, vocab_size=4096)
   vocab = tokenizer_vocab_size(tok_dir)

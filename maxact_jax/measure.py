@@ -173,6 +173,7 @@ class MeasureOptions:
   checkpoint_every: int = 0  # save a resumable state every N batches (0: never)
   resume: bool = False
   device_memory_gb: float | None = None  # override the device's memory for the guard
+  source_tokenizer: str | None = None  # re-tokenize input_ids decoded with this tokenizer
 
 
 @dataclasses.dataclass
@@ -195,25 +196,14 @@ def load_params(model_path: str, config: ModelConfig, dtype_name: str) -> Any:
 
 
 def load_measure_corpus(opts: MeasureOptions, config: ModelConfig) -> data.Corpus:
+  """The corpus of --data_path, or the built-in one cut to token budgets in the
+  checkpoint's tokenizer (which keeps padding under 5%)."""
   if opts.data_path:
     return data.load_corpus(opts.data_path, vocab_size=config.vocab_size, max_samples=opts.max_samples,
-                            max_seq_len=opts.max_seq_len, model_dir=opts.model_path)
-  from maxact_jax import corpus as builtin  # pylint: disable=import-outside-toplevel
-
-  records = builtin.builtin_corpus(num_samples=opts.max_samples)
-  tokenizer = data.Tokenizer(opts.model_path)
-  ids = tokenizer.encode([r['text'] for r in records])
-  samples, truncated, dropped = [], 0, 0
-  for row in ids:
-    arr = np.asarray(row, np.int32)
-    if arr.size and int(arr.max()) >= config.vocab_size:
-      raise UserError(f'the tokenizer of {opts.model_path} produces ids beyond the vocabulary '
-                      f'({int(arr.max())} >= {config.vocab_size})')
-    if opts.max_seq_len and arr.size > opts.max_seq_len:
-      truncated, dropped = truncated + 1, dropped + arr.size - opts.max_seq_len
-      arr = arr[:opts.max_seq_len]
-    samples.append(arr)
-  return data.Corpus(samples, [r.get('category') for r in records], 'builtin', truncated, dropped)
+                            max_seq_len=opts.max_seq_len, model_dir=opts.model_path,
+                            source_tokenizer=opts.source_tokenizer)
+  return data.load_builtin(data.Tokenizer(opts.model_path), vocab_size=config.vocab_size,
+                           num_samples=opts.max_samples, max_seq_len=opts.max_seq_len)
 
 
 def header(opts: MeasureOptions, config: ModelConfig, corpus: data.Corpus) -> dict[str, Any]:
@@ -350,10 +340,9 @@ def summary_lines(m: Measurement) -> list[str]:
   lines = [
       f'model {doc["model_name"]} ({doc["model_type"]}, {doc["num_hidden_layers"]} layers, hidden '
       f'{doc["hidden_size"]}), dtype {run_info.get("dtype")}',
-      f'corpus {doc["data_path"]}: {doc["num_samples"]} samples, {run_info.get("tokens")} tokens, '
-      f'{run_info.get("truncated_samples", 0)} truncated at {doc["max_seq_len"]} tokens; '
-      f'{run_info.get("num_batches")} batches in {len(run_info.get("batch_shapes", []))} shapes, '
-      f'padding {100 * run_info.get("padding_ratio", 0):.1f}%',
+      data.describe_corpus(m.corpus),
+      f'{run_info.get("num_batches")} batches of {doc["run"]["batch_size"]} in '
+      f'{len(run_info.get("batch_shapes", []))} shapes, padding {100 * run_info.get("padding_ratio", 0):.1f}%',
   ]
   detail = doc.get('global_max_detail', {})
   where = ''

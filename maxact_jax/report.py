@@ -25,11 +25,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from maxact_jax import atomic
 from maxact_jax.errors import UserError
 from maxact_jax.stats import is_activation_tap
 
@@ -654,25 +654,8 @@ def _jsonable(x: Any) -> Any:
   return x
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-  """Write to a temporary file in the same directory, then rename over `path`."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
-
-
 def write_json(path: Path, obj: Any) -> None:
-  atomic_write(path, (json.dumps(_jsonable(obj), indent=2, allow_nan=False) + '\n').encode('utf-8'))
+  atomic.write_bytes(path, (json.dumps(_jsonable(obj), indent=2, allow_nan=False) + '\n').encode('utf-8'))
 
 
 def fmt_value(v: float | None) -> str:
@@ -1029,14 +1012,14 @@ def write_report(summary_or_dir: Mapping[str, Any] | str | os.PathLike[str],
                      (PLOT_TOPK, plot_topk)):
     png = make(summary)
     if png is not None:
-      atomic_write(out / name, png)
+      atomic.write_bytes(out / name, png)
       written[name] = out / name
       plots.append(name)
   write_json(out / SUMMARY_FILE, summary)
   written[SUMMARY_FILE] = out / SUMMARY_FILE
   for name, text in (('report.md', render_markdown(summary, plots)),
                      ('report.html', render_html(summary, plots))):
-    atomic_write(out / name, text.encode('utf-8'))
+    atomic.write_bytes(out / name, text.encode('utf-8'))
     written[name] = out / name
   return written
 

@@ -12,33 +12,14 @@ reference read our files unchanged:
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from typing import Any, Callable
 
-from maxact_jax import stats
+from maxact_jax import atomic, stats
 from maxact_jax.errors import UserError
 
 
-def atomic_write_text(path: str, text: str) -> None:
-  """Write via a temporary file in the same directory and rename: never half-written."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def atomic_write_json(path: str, data: Any) -> None:
-  atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + '\n')
+atomic_write_json = atomic.write_json
 
 
 def ensure_output_dir(output_dir: str) -> str:

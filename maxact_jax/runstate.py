@@ -16,12 +16,11 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
-from maxact_jax import stats
+from maxact_jax import atomic, stats
 from maxact_jax.errors import UserError
 
 FORMAT = 1
@@ -113,19 +112,7 @@ def save(path: str, *, fingerprint_: dict, next_batch: int, taps: dict[str, stat
     meta['taps'][name] = scalars
   buf = io.BytesIO()
   np.savez(buf, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.state.', suffix='.tmp', dir=directory)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(buf.getvalue())
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  atomic.write_bytes(path, buf.getvalue())
 
 
 def load(path: str, expected: dict[str, Any]) -> tuple[int, dict[str, stats.TapStats], dict[str, Any]]:

@@ -19,6 +19,9 @@ flags.DEFINE_boolean('resume', False, 'Continue from the state saved by --checkp
                      'checkpoint, corpus or batching flags differ).', flag_values=FLAGS)
 flags.DEFINE_float('device_memory_gb', None, 'Memory of one device for the memory guard (default: what '
                    'the device reports; the host memory on CPU).', flag_values=FLAGS)
+flags.DEFINE_string('source_tokenizer', None, 'Tokenizer (directory or tokenizer.json) that made the '
+                    'input_ids of --data_path: they are decoded with it and re-encoded with the '
+                    "checkpoint's tokenizer, as the paper did from Llama-2 ids.", flag_values=FLAGS)
 flags.DEFINE_boolean('crosscheck', False, 'First check every tap against transformers on a sample batch.',
                      flag_values=FLAGS)
 
@@ -46,7 +49,7 @@ def run() -> int:
       model_path=model_path, output_dir=FLAGS.output_dir, data_path=FLAGS.data_path,
       max_samples=FLAGS.max_samples, max_seq_len=FLAGS.max_seq_len, batch_size=FLAGS.batch_size,
       dtype=FLAGS.dtype, progress=FLAGS.progress, checkpoint_every=FLAGS.checkpoint_every,
-      resume=FLAGS.resume, device_memory_gb=FLAGS.device_memory_gb)
+      resume=FLAGS.resume, device_memory_gb=FLAGS.device_memory_gb, source_tokenizer=FLAGS.source_tokenizer)
   m = measure.measure(opts)
   print(measure.layer_table(m.doc))
   for line in measure.summary_lines(m):
