@@ -135,23 +135,25 @@ def check_memory(steps: CompiledSteps, plan: data.BatchPlan, capacity: int, head
   """Compile the largest batch shape and refuse a run that cannot fit on one device.
 
   The estimate comes from XLA's memory analysis of the compiled step. On
-  refusal the error suggests the batch size (or sequence length) that fits,
-  scaling the part of the memory that grows with the batch.
+  refusal the error suggests a batch size that fits: first guessed by scaling
+  the memory that grows with the batch, then confirmed by compiling it.
   """
-  shape = max(plan.shapes, key=lambda st: st[0] * st[1])
-  need = step_memory_bytes(steps.get(shape))
-  if need is None or need <= headroom * capacity:
+  budget = headroom * capacity
+  batch, length = max(plan.shapes, key=lambda st: st[0] * st[1])
+  need = step_memory_bytes(steps.get((batch, length)))
+  if need is None or need <= budget:
     return need
-  fixed = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(steps.params))
-  per_row = max((need - fixed) / shape[0], 1)
-  rows = int((headroom * capacity - fixed) // per_row)
   gb = lambda n: f'{n / 2**30:.3g} GB'
+  fixed = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(steps.params))
+  rows = min(batch - 1, int((budget - fixed) // max((need - fixed) / batch, 1)))
+  while rows >= 1 and step_memory_bytes(steps.get((rows, length))) > budget:
+    rows -= 1  # the guess was optimistic: confirm by compiling, one row less each time
   if rows >= 1:
     hint = f'try --batch_size={rows}'
   else:
     hint = ('the parameters alone do not fit: shard the model over devices (--parallelism=mesh) '
             'or shorten --max_seq_len')
-  raise UserError(f'a batch of shape {shape} needs about {gb(need)} of device memory, more than the '
+  raise UserError(f'a batch of shape {(batch, length)} needs about {gb(need)} of device memory, more than the '
                   f'{gb(capacity)} available ({int(headroom * 100)}% usable); {hint}')
 
 
