@@ -62,6 +62,30 @@ class RMSNorm(nn.Module):
     return weight * h.astype(input_dtype)
 
 
+class ScaledEmbedding(nn.Module):
+  """Token embedding scaled by `scale` inside the module (Gemma's sqrt(hidden)).
+
+  As transformers' Gemma*TextScaledWordEmbedding, so that the `embedding_output`
+  tap (the embedding module's output) is the scaled value on both sides. The
+  table is the parameter `embedding` [V, D], like nn.Embed's.
+  """
+
+  num_embeddings: int
+  features: int
+  scale: float
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    """ids [B, T] int -> [B, T, D]."""
+    table = self.param('embedding', nn.linear.default_embed_init, (self.num_embeddings, self.features),
+                       self.dtype)
+    x = jnp.take(table, ids, axis=0)
+    # Parity: transformers keeps the scale as a float32 buffer and casts it to the
+    # weight dtype before the multiply (sqrt(3072) becomes 55.5 in bf16).
+    return x * jnp.asarray(np.float32(self.scale)).astype(self.dtype)
+
+
 # ---------------------------------------------------------------------------
 # Rotary embeddings.
 
