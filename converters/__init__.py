@@ -6,13 +6,14 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from converters import dense
+from converters import dense, gemma
 from converters.weight_map import WeightMap, load, plan
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 
 MAPS: dict[str, WeightMap] = {
     **dense.MAPS,
+    **gemma.MAPS,
 }
 
 
