@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from converters import dense, gemma
+from converters import dense, gemma, qwen_vl
 from converters.weight_map import WeightMap, load, plan
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
@@ -14,6 +14,7 @@ from maxact_jax.errors import UserError
 MAPS: dict[str, WeightMap] = {
     **dense.MAPS,
     **gemma.MAPS,
+    **qwen_vl.MAPS,
 }
 
 
