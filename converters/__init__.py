@@ -6,14 +6,16 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from converters import dense
+from converters import dense, gemma, qwen_vl
 from converters.safetensors_io import Checkpoint
-from converters.weight_map import WeightMap, check_coverage, load, plan
+from converters.weight_map import WeightMap, check_coverage, load, plan, resolve_layout
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 
 MAPS: dict[str, WeightMap] = {
     **dense.MAPS,
+    **gemma.MAPS,
+    **qwen_vl.MAPS,
 }
 
 
@@ -26,8 +28,9 @@ def weight_map(config: ModelConfig) -> WeightMap:
 
 def check_checkpoint(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32) -> None:
   """Read only the headers: every tensor is readable and the map covers them exactly."""
-  wmap = weight_map(config)
-  check_coverage(plan(config, wmap, dtype), Checkpoint(model_dir).keys(), wmap, config, model_dir)
+  keys = Checkpoint(model_dir).keys()
+  config, wmap = resolve_layout(config, weight_map(config), keys, model_dir)
+  check_coverage(plan(config, wmap, dtype), keys, wmap, config, model_dir)
 
 
 def load_params(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32,

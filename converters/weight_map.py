@@ -57,6 +57,29 @@ def same_name(hf_rel: str, build: Callable[..., np.ndarray] = identity) -> Rule:
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+  """One key layout of a multimodal checkpoint: where its text model sits.
+
+  The same model can come with different tensor names: the hub's original
+  names (Gemma3 `language_model.model.layers...`, Qwen2.5-VL `model.layers...`)
+  or transformers 5's module names (`model.language_model.layers...`, what
+  `save_pretrained(save_original_format=False)` writes). Each is an explicit
+  rule; the checkpoint's embedding tensor tells which one applies.
+  """
+
+  name: str
+  weight_prefix: str  # the backbone's prefix (ModelConfig.weight_prefix)
+  lm_head_key: str
+  # (regex, reason): the tensors of this layout deliberately left unloaded.
+  skip: tuple[tuple[str, str], ...] = ()
+
+  @property
+  def anchor(self) -> str:
+    """The tensor whose presence identifies the layout."""
+    return self.weight_prefix + 'embed_tokens.weight'
+
+
+@dataclasses.dataclass(frozen=True)
 class WeightMap:
   """What a family's checkpoint layout adds to the default naming rule."""
 
@@ -66,6 +89,24 @@ class WeightMap:
   skip: tuple[tuple[str, str], ...] = ()
   # Checkpoint name of the layer stack under the backbone prefix.
   layers_name: str = 'layers'
+  # Alternative key layouts (multimodal checkpoints); empty: the config's prefix.
+  layouts: tuple[Layout, ...] = ()
+
+
+def resolve_layout(config: ModelConfig, wmap: WeightMap, keys: Iterable[str],
+                   where: str) -> tuple[ModelConfig, WeightMap]:
+  """The config and map for the checkpoint's key layout (unchanged without `layouts`)."""
+  if not wmap.layouts:
+    return config, wmap
+  keys = set(keys)
+  found = [layout for layout in wmap.layouts if layout.anchor in keys]
+  if len(found) != 1:
+    expected = ' or '.join(f'{l.anchor} ({l.name})' for l in wmap.layouts)
+    what = 'has none' if not found else 'has several'
+    raise UserError(f'{where}: cannot tell the {config.model_type} checkpoint layout: it {what} of {expected}')
+  layout = found[0]
+  return (dataclasses.replace(config, weight_prefix=layout.weight_prefix, lm_head_key=layout.lm_head_key),
+          dataclasses.replace(wmap, skip=wmap.skip + layout.skip))
 
 
 LEAF_RENAMES = {'kernel': ('weight', transpose), 'embedding': ('weight', identity)}
@@ -179,6 +220,7 @@ def load(model_dir: str, config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.
   (default: `jax.device_put`); the host buffer is dropped right after.
   """
   ckpt = Checkpoint(model_dir)
+  config, wmap = resolve_layout(config, wmap, ckpt.keys(), model_dir)
   plans = plan(config, wmap, dtype)
   check_coverage(plans, ckpt.keys(), wmap, config, model_dir)
   place = place or (lambda path, a: jax.device_put(a))

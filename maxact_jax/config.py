@@ -110,7 +110,7 @@ class ModelConfig:
   linear_attention: LinearAttentionConfig | None = None
   # Gemma-style options.
   norm_offset: float = 0.0  # RMSNorm multiplies by (norm_offset + weight)
-  embed_scale: bool = False  # embeddings times sqrt(hidden), in the model dtype
+  embed_scale: bool = False  # embeddings times sqrt(hidden) inside the embedding module (the tap sees it)
   sandwich_norms: bool = False  # post-attention and pre/post feed-forward norms
   final_logit_softcap: float | None = None
   # Where the language model's tensors sit in the checkpoint (multimodal wrappers).

@@ -13,6 +13,7 @@ This module imports torch (inside the functions); the measurement path does not.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -34,7 +35,43 @@ TINY: dict[str, dict[str, Any]] = {
                   num_key_value_heads=2),
     'qwen3': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16),
+    # Gemma: MQA as gemma-2b.
+    'gemma': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=16),
+    # Gemma2/3: windows shorter than the test sequences, query_pre_attn_scalar != head_dim,
+    # soft-caps and a weight scale (initializer_range) at which the caps bend the logits.
+    'gemma2': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                   attn_logit_softcapping=3.0, final_logit_softcapping=2.0, initializer_range=0.2),
+    'gemma3_text': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                        layer_types=['sliding_attention', 'full_attention', 'sliding_attention'],
+                        rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 8.0,
+                                                            'rope_theta': 1_000_000.0},
+                                         'sliding_attention': {'rope_type': 'default', 'rope_theta': 10_000.0}},
+                        final_logit_softcapping=2.0, initializer_range=0.2),
+    'qwen2_5_vl': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, rope_scaling={'type': 'mrope', 'mrope_section': [2, 3, 3]}),
 }
+TINY['gemma3'] = TINY['gemma3_text']
+
+
+@dataclasses.dataclass(frozen=True)
+class Multimodal:
+  """A multimodal wrapper: the text shape goes into text_config, beside a tiny vision tower."""
+
+  vision: dict[str, Any]
+  top: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+MULTIMODAL: dict[str, Multimodal] = {
+    'gemma3': Multimodal(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=28, patch_size=14), dict(mm_tokens_per_image=4)),
+    'qwen2_5_vl': Multimodal(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)),
+}
+# Families whose RMSNorm weights start at zero ((1 + w) norms): random fixtures give
+# them random weights, so that a norm applied in the wrong place cannot go unseen.
+ZERO_INIT_NORMS = frozenset({'gemma', 'gemma2', 'gemma3_text', 'gemma3'})
 
 
 def config_class(model_type: str):
@@ -45,9 +82,14 @@ def config_class(model_type: str):
 
 def make_config(model_type: str, vocab_size: int = 256, **overrides):
   """A tiny transformers config of `model_type` (overrides win)."""
-  kwargs = dict(TINY.get(model_type, {}))
+  kwargs = copy.deepcopy(TINY.get(model_type, {}))
   kwargs.update(vocab_size=vocab_size, tie_word_embeddings=False)
   kwargs.update(overrides)
+  wrapper = MULTIMODAL.get(model_type)
+  if wrapper is not None:
+    tie = kwargs.pop('tie_word_embeddings')
+    return config_class(model_type)(text_config=kwargs, vision_config=dict(wrapper.vision),
+                                    tie_word_embeddings=tie, **wrapper.top)
   return config_class(model_type)(**kwargs)
 
 
@@ -57,13 +99,27 @@ def random_model(config, seed: int = 0, dtype: str = 'float32'):
   import transformers  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+  try:
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+  except ValueError:  # multimodal wrappers without a causal-LM class (qwen2_5_vl)
+    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+  if config.model_type in ZERO_INIT_NORMS:
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+      for name, p in model.named_parameters():
+        if name.endswith('norm.weight'):
+          p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype))
   return model.eval()
 
 
-def save_checkpoint(model, out_dir: str, tokenizer_dir: str | None = None, max_shard_size: str | None = None) -> str:
+def save_checkpoint(model, out_dir: str, tokenizer_dir: str | None = None, max_shard_size: str | None = None,
+                    original_format: bool = True) -> str:
+  """save_pretrained; `original_format=False` keeps transformers 5's module key names
+  (e.g. `model.language_model.layers...`) instead of the hub's original ones."""
   os.makedirs(out_dir, exist_ok=True)
-  kwargs = {'max_shard_size': max_shard_size} if max_shard_size else {}
+  kwargs: dict[str, Any] = {'max_shard_size': max_shard_size} if max_shard_size else {}
+  if not original_format:
+    kwargs['save_original_format'] = False
   model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
   if tokenizer_dir:
     for name in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
@@ -75,12 +131,13 @@ def save_checkpoint(model, out_dir: str, tokenizer_dir: str | None = None, max_s
 
 
 def tiny_checkpoint(model_type: str, out_dir: str, *, seed: int = 0, vocab_size: int = 256,
-                    dtype: str = 'float32', tokenizer_dir: str | None = None, **overrides) -> str:
+                    dtype: str = 'float32', tokenizer_dir: str | None = None, original_format: bool = True,
+                    **overrides) -> str:
   """Build and save a random-init tiny checkpoint; returns its directory."""
   if tokenizer_dir:
     vocab_size = tokenizer_vocab_size(tokenizer_dir)
   model = random_model(make_config(model_type, vocab_size, **overrides), seed, dtype)
-  return save_checkpoint(model, out_dir, tokenizer_dir)
+  return save_checkpoint(model, out_dir, tokenizer_dir, original_format=original_format)
 
 
 # ---------------------------------------------------------------------------

@@ -91,3 +91,21 @@ def assert_same_global_max(doc: dict, ref: dict) -> None:
   value, location = stats.global_max(ref)
   assert doc['global_max_location'] == location, (doc['global_max_location'], location)
   assert _close(doc['global_max_activation'], value, value, 1e-3)
+
+
+def assert_measure_matches_reference(model_dir: str, corpus: str, output_dir: str,
+                                     batch_size: int = 6) -> None:
+  """measure == the reference pipeline at every tap and statistic, same global maximum.
+
+  With the 12-sample `ids_corpus`, batches of 6 make two batches (the second up to
+  40 tokens): the merge across batches is exercised with one compilation fewer
+  than batches of 4.
+  """
+  doc, top_doc, ref = measure_and_reference(model_dir, corpus, output_dir, batch_size=batch_size)
+  checked = assert_stats_match(doc, top_doc, ref)
+  assert_same_global_max(doc, ref)
+  n_layers = load_config(model_dir).num_hidden_layers
+  assert len(ref) == 2 + 4 * n_layers  # embedding, 4 taps per layer, final norm
+  assert list(doc['per_layer_stats']) == list(ref)  # same taps in the same (forward) order
+  # 30 statistics per activation tap (basic, Sun, quantiles, top-K), 7 per mlp_gate tap.
+  assert checked == 30 * (len(ref) - n_layers) + 7 * n_layers

@@ -204,12 +204,14 @@ class Transformer(nn.Module):
   def __call__(self, input_ids: Array, valid: Array) -> Array:
     c = self.config
     b, t = input_ids.shape
-    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
-                     name='embed_tokens')
-    x = embed(input_ids)
     if c.embed_scale:
-      # Gemma: the normaliser is rounded to the activation dtype before the multiply.
-      x = x * jnp.asarray(np.sqrt(c.hidden_size), self.dtype)
+      # Gemma scales inside the embedding module, so the embedding tap sees the scaled value.
+      embed = layers.ScaledEmbedding(c.vocab_size, c.hidden_size, c.hidden_size**0.5, self.dtype,
+                                     name='embed_tokens')
+    else:
+      embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                       name='embed_tokens')
+    x = embed(input_ids)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ropes = [c.rope] + ([c.local_rope] if c.local_rope is not None else [])
     tables = [layers.rope_tables(r, c.head_dim, positions, self.dtype) for r in ropes]
