@@ -17,6 +17,7 @@ COMMANDS = {
     'measure': ('maxact_jax.commands.measure', 'measure every tap of a checkpoint on a corpus'),
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
     'report': ('maxact_jax.commands.report', 'cross-model report with plots from results files'),
+    'quant': ('maxact_jax.commands.quant', 'INT8/FP8 fake-quantization error at the peak (or chosen) taps'),
 }
 EXIT_USAGE = 2
 
