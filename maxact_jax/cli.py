@@ -18,6 +18,7 @@ COMMANDS = {
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
     'report': ('maxact_jax.commands.report', 'cross-model report with plots from results files'),
     'quant': ('maxact_jax.commands.quant', 'INT8/FP8 fake-quantization error at the peak (or chosen) taps'),
+    'sweep': ('maxact_jax.commands.sweep', 'measure a list of configs (skipping finished ones), then report'),
 }
 EXIT_USAGE = 2
 

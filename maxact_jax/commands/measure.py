@@ -16,12 +16,20 @@ flags.DEFINE_boolean('crosscheck', False, 'First check every tap against transfo
                      flag_values=FLAGS)
 
 
+def options(fv: flags.FlagValues) -> measure.MeasureOptions:
+  """The (checked) MeasureOptions of a parsed measure flag set; `sweep` reads flagfiles with it."""
+  common.check_dtype(fv.dtype)
+  common.check_positive('batch_size', fv.batch_size, allow_none=False)
+  common.check_positive('max_samples', fv.max_samples)
+  common.check_positive('max_seq_len', fv.max_seq_len)
+  return measure.MeasureOptions(
+      model_path=fv.model_path, output_dir=fv.output_dir, data_path=fv.data_path, max_samples=fv.max_samples,
+      max_seq_len=fv.max_seq_len, batch_size=fv.batch_size, dtype=fv.dtype, progress=fv.progress)
+
+
 def run() -> int:
-  common.check_dtype(FLAGS.dtype)
-  common.check_positive('batch_size', FLAGS.batch_size, allow_none=False)
-  common.check_positive('max_samples', FLAGS.max_samples)
-  common.check_positive('max_seq_len', FLAGS.max_seq_len)
-  model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
+  opts = options(FLAGS)
+  model_path = opts.model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
   if FLAGS.crosscheck:
     from maxact_jax import crosscheck  # pylint: disable=import-outside-toplevel
     report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
@@ -31,10 +39,6 @@ def run() -> int:
     if not report['passed']:
       print('crosscheck failed: not measuring')
       return 1
-  opts = measure.MeasureOptions(
-      model_path=model_path, output_dir=FLAGS.output_dir, data_path=FLAGS.data_path,
-      max_samples=FLAGS.max_samples, max_seq_len=FLAGS.max_seq_len, batch_size=FLAGS.batch_size,
-      dtype=FLAGS.dtype, progress=FLAGS.progress)
   m = measure.measure(opts)
   print(measure.layer_table(m.doc))
   for line in measure.summary_lines(m):
