@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -293,7 +294,8 @@ def test_every_scheme_matches_numpy_on_the_raw_activations(outlier_model, tmp_pa
 def test_peak_from_a_measure_result_and_bad_input(outlier_model, tmp_path, capsys):
   ckpt, corpus, _ = outlier_model
   stats_path = tmp_path / 'stats.json'
-  stats_path.write_text(json.dumps({'global_max_activation': -1234.0, 'global_max_location': 'layer_1_mlp_output (min)'}))
+  stats_path.write_text(json.dumps({'global_max_activation': -1234.0,
+                                    'global_max_location': 'layer_1_mlp_output (min)'}))
   common = [f'--model_path={ckpt}', f'--data_path={corpus}', f'--output_dir={tmp_path / "out"}', '--progress=false']
 
   def run(*args):
@@ -310,7 +312,6 @@ def test_peak_from_a_measure_result_and_bad_input(outlier_model, tmp_path, capsy
     code, _, err = run(*args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), (args, err)
-    import re
     assert re.search(pattern, lines[0]), lines[0]
   assert not os.path.exists(tmp_path / 'out' / 'json' / 'outlier-tiny_quant_sanity.json')
 

@@ -6,8 +6,6 @@ import json
 import os
 import re
 
-import pytest
-
 from maxact_jax import cli, sweep
 from maxact_jax.commands import measure as measure_command
 from tests.conftest import REPO
