@@ -19,6 +19,8 @@ COMMANDS = {
     'report': ('maxact_jax.commands.report', 'cross-model report with plots from results files'),
     'corpus': ('maxact_jax.commands.corpus', 'write the built-in corpus as JSON lines'),
     'bootstrap': ('maxact_jax.commands.bootstrap', 'write category-stratified random subsets of a corpus'),
+    'quant': ('maxact_jax.commands.quant', 'INT8/FP8 fake-quantization error at the peak (or chosen) taps'),
+    'sweep': ('maxact_jax.commands.sweep', 'measure a list of configs (skipping finished ones), then report'),
 }
 EXIT_USAGE = 2
 
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     fv([f'maxact-jax {name}'] + argv[2:])
   except flags.Error as e:
     return fail(str(e).splitlines()[0])
+  if 'jax' in sys.modules:  # the command computes with JAX
+    from maxact_jax.commands import common  # pylint: disable=import-outside-toplevel
+    common.enable_compilation_cache()
   try:
     return int(module.run() or 0)
   except UserError as e:

@@ -129,6 +129,35 @@ def lower_median(a: jax.Array) -> jax.Array:
   return jax.lax.bitcast_convert_type(prefix, jnp.float32)
 
 
+def row_histogram(idx: jax.Array, mask: jax.Array, bins: int) -> jax.Array:
+  """Per-row counts of bin indices: idx, mask [B, ...] -> int32 [B, bins] (masked out: not counted)."""
+  b = idx.shape[0]
+  rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32).reshape((b,) + (1,) * (idx.ndim - 1)), idx.shape)
+  flat_bin = jnp.where(mask, rows * bins + idx, b * bins)  # dropped: out of range
+  hist = jnp.zeros((b * bins,), jnp.int32).at[flat_bin.reshape(-1)].add(1, mode='drop')
+  return hist.reshape(b, bins)
+
+
+def log_histogram(a: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The log10 histogram of |x| per batch row, over the elements where `mask`.
+
+  Args:
+    a: [B, ...] float32 |x| (no NaN).
+    mask: [B, ...] bool, the elements to count (valid and finite).
+
+  Returns (hist int32 [B, HIST_BINS], zero count [B], element count [B]). The
+  bin arithmetic is the reference's in float32:
+  floor((log10|x| - LOG_MIN) / span * BINS), clipped to the range.
+  """
+  nonzero = mask & (a > 0)
+  logs = jnp.log10(jnp.where(nonzero, a, 1.0))
+  span = HIST_LOG_MAX - HIST_LOG_MIN
+  idx = jnp.clip(jnp.floor((logs - HIST_LOG_MIN) / span * HIST_BINS), 0, HIST_BINS - 1).astype(jnp.int32)
+  axes = tuple(range(1, a.ndim))
+  return (row_histogram(idx, nonzero, HIST_BINS), (mask & (a <= 0)).sum(axis=axes, dtype=jnp.int32),
+          mask.sum(axis=axes, dtype=jnp.int32))
+
+
 def _activation_partial(x, valid, isnan, tok_abs, top_k):
   b, t, f = x.shape
   a = jnp.abs(jnp.where(isnan, 0.0, x))
@@ -147,19 +176,7 @@ def _activation_partial(x, valid, isnan, tok_abs, top_k):
   out['sun_sum_ratio'] = r.sum(axis=1)
   out['sun_sum_ratio_sq'] = (r * r).sum(axis=1)
 
-  # Log-histogram of |x| over valid, finite elements. The bin arithmetic is the
-  # reference's in float32: floor((log10|x| - LOG_MIN) / span * BINS).
-  v = valid[:, :, None] & jnp.isfinite(x)
-  nonzero = v & (a > 0)
-  logs = jnp.log10(jnp.where(nonzero, a, 1.0))
-  span = HIST_LOG_MAX - HIST_LOG_MIN
-  idx = jnp.clip(jnp.floor((logs - HIST_LOG_MIN) / span * HIST_BINS), 0, HIST_BINS - 1).astype(jnp.int32)
-  rows = jnp.arange(b, dtype=jnp.int32)[:, None, None] * HIST_BINS
-  flat_bin = jnp.where(nonzero, rows + idx, b * HIST_BINS)  # out of range: dropped
-  hist = jnp.zeros((b * HIST_BINS,), jnp.int32).at[flat_bin.reshape(-1)].add(1, mode='drop')
-  out['hist'] = hist.reshape(b, HIST_BINS)
-  out['hist_zero'] = (v & (a <= 0)).sum(axis=(1, 2), dtype=jnp.int32)
-  out['hist_count'] = v.sum(axis=(1, 2), dtype=jnp.int32)
+  out['hist'], out['hist_zero'], out['hist_count'] = log_histogram(a, valid[:, :, None] & jnp.isfinite(x))
 
   # Top-K |x| with the signed value, in two stages: the K tokens of largest
   # max |x| hold every one of the K largest elements (a token holding one of them
@@ -300,19 +317,7 @@ class TapStats:
 
   def quantile(self, q: float) -> float:
     """|x| quantile from the log histogram: the reference's interpolation exactly."""
-    total = self.hist_count
-    target = q * total
-    if target <= self.hist_zero:
-      return 0.0
-    rest = target - self.hist_zero
-    cum = np.cumsum(self.hist)
-    i = int(np.searchsorted(cum, rest, side='left'))
-    i = min(i, HIST_BINS - 1)
-    prev = int(cum[i - 1]) if i > 0 else 0
-    in_bin = int(cum[i]) - prev
-    frac = (rest - prev) / in_bin if in_bin > 0 else 0.5
-    width = (HIST_LOG_MAX - HIST_LOG_MIN) / HIST_BINS
-    return float(10.0 ** (HIST_LOG_MIN + i * width + frac * width))
+    return log_hist_quantile(self.hist, self.hist_zero, self.hist_count, q)
 
   def finalize(self) -> dict[str, Any]:
     """The reference's per-tap fields, in its order (scalars, then top-K lists)."""
@@ -401,6 +406,23 @@ class TapStats:
     obj = cls.__new__(cls)
     obj.__dict__.update(state)
     return obj
+
+
+def log_hist_quantile(hist: np.ndarray, zero: int, total: int, q: float) -> float:
+  """|x| quantile from a `log_histogram` (summed over rows): linear interpolation
+  inside the bin, the zero bucket first, as the reference interpolates."""
+  target = q * total
+  if target <= zero:
+    return 0.0
+  rest = target - zero
+  cum = np.cumsum(hist)
+  i = int(np.searchsorted(cum, rest, side='left'))
+  i = min(i, HIST_BINS - 1)
+  prev = int(cum[i - 1]) if i > 0 else 0
+  in_bin = int(cum[i]) - prev
+  frac = (rest - prev) / in_bin if in_bin > 0 else 0.5
+  width = (HIST_LOG_MAX - HIST_LOG_MIN) / HIST_BINS
+  return float(10.0 ** (HIST_LOG_MIN + i * width + frac * width))
 
 
 TOPK_FIELDS = ('topk_abs', 'topk_signed', 'topk_abs_mean', 'topk_signed_mean', 'top_k', 'top5_abs',

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
-import numpy as np
-import pytest
+# One persistent XLA compilation cache for the whole test session (and the
+# subprocesses it starts): the same tiny models compile once, not once per test.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='maxact-test-xla-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
-from maxact_jax import fixtures
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from maxact_jax import fixtures  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')

@@ -7,6 +7,8 @@ several commands can run in one process (the tests do).
 
 from __future__ import annotations
 
+import os
+
 from absl import flags
 
 from maxact_jax.errors import UserError
@@ -44,3 +46,21 @@ def check_dtype(value: str) -> str:
   if value not in DTYPES:
     raise UserError(f'--dtype={value} is not supported (choose from {", ".join(DTYPES)})')
   return value
+
+
+def enable_compilation_cache() -> str | None:
+  """Keep compiled steps on disk (XLA's persistent cache), so a re-run, a resumed
+  run or a sweep over one model compiles each batch shape once.
+
+  The folder is $JAX_COMPILATION_CACHE_DIR when set, else
+  ~/.cache/maxact-jax/xla; MAXACT_COMPILATION_CACHE=off turns it off.
+  """
+  if os.environ.get('MAXACT_COMPILATION_CACHE', '').lower() in ('off', '0', 'false'):
+    return None
+  import jax  # pylint: disable=import-outside-toplevel
+
+  path = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'maxact-jax', 'xla')
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  return path

@@ -26,16 +26,26 @@ flags.DEFINE_boolean('crosscheck', False, 'First check every tap against transfo
                      flag_values=FLAGS)
 
 
+def options(fv: flags.FlagValues) -> measure.MeasureOptions:
+  """The (checked) MeasureOptions of a parsed measure flag set; `sweep` reads flagfiles with it."""
+  common.check_dtype(fv.dtype)
+  common.check_positive('batch_size', fv.batch_size, allow_none=False)
+  common.check_positive('max_samples', fv.max_samples)
+  common.check_positive('max_seq_len', fv.max_seq_len)
+  if fv.checkpoint_every < 0:
+    raise UserError(f'--checkpoint_every must be 0 or positive, got {fv.checkpoint_every}')
+  if fv.device_memory_gb is not None and fv.device_memory_gb <= 0:
+    raise UserError(f'--device_memory_gb must be positive, got {fv.device_memory_gb}')
+  return measure.MeasureOptions(
+      model_path=fv.model_path, output_dir=fv.output_dir, data_path=fv.data_path, max_samples=fv.max_samples,
+      max_seq_len=fv.max_seq_len, batch_size=fv.batch_size, dtype=fv.dtype, progress=fv.progress,
+      checkpoint_every=fv.checkpoint_every, resume=fv.resume, device_memory_gb=fv.device_memory_gb,
+      source_tokenizer=fv.source_tokenizer)
+
+
 def run() -> int:
-  common.check_dtype(FLAGS.dtype)
-  common.check_positive('batch_size', FLAGS.batch_size, allow_none=False)
-  common.check_positive('max_samples', FLAGS.max_samples)
-  common.check_positive('max_seq_len', FLAGS.max_seq_len)
-  if FLAGS.checkpoint_every < 0:
-    raise UserError(f'--checkpoint_every must be 0 or positive, got {FLAGS.checkpoint_every}')
-  if FLAGS.device_memory_gb is not None and FLAGS.device_memory_gb <= 0:
-    raise UserError(f'--device_memory_gb must be positive, got {FLAGS.device_memory_gb}')
-  model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
+  opts = options(FLAGS)
+  model_path = opts.model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
   if FLAGS.crosscheck:
     from maxact_jax import crosscheck  # pylint: disable=import-outside-toplevel
     report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
@@ -45,11 +55,6 @@ def run() -> int:
     if not report['passed']:
       print('crosscheck failed: not measuring')
       return 1
-  opts = measure.MeasureOptions(
-      model_path=model_path, output_dir=FLAGS.output_dir, data_path=FLAGS.data_path,
-      max_samples=FLAGS.max_samples, max_seq_len=FLAGS.max_seq_len, batch_size=FLAGS.batch_size,
-      dtype=FLAGS.dtype, progress=FLAGS.progress, checkpoint_every=FLAGS.checkpoint_every,
-      resume=FLAGS.resume, device_memory_gb=FLAGS.device_memory_gb, source_tokenizer=FLAGS.source_tokenizer)
   m = measure.measure(opts)
   print(measure.layer_table(m.doc))
   for line in measure.summary_lines(m):
