@@ -545,8 +545,8 @@ def _run_pass(step, params, corpus: data.Corpus, opts: QuantOptions, pad_id: int
     bar = tqdm(total=corpus.num_tokens, unit='tok', unit_scale=True, desc=f'  {desc}', file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
   t0 = time.perf_counter()
-  measure.run(lambda p, i, v: step(p, i, v, qp), params, data.iter_batches(corpus, plan, pad_id), acc,
-              on_batch=(lambda b: bar.update(b.num_tokens)) if bar else None)
+  measure.run(lambda p, i, v: step(p, i, v, qp), params, enumerate(data.iter_batches(corpus, plan, pad_id)), acc,
+              on_merged=(lambda _, b: bar.update(b.num_tokens)) if bar else None)
   if bar:
     bar.close()
   return time.perf_counter() - t0
