@@ -34,6 +34,37 @@ TINY: dict[str, dict[str, Any]] = {
                   num_key_value_heads=2),
     'qwen3': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16),
+    # Hybrids: 3 linear-attention layers then 1 full-attention layer (full_attention_interval 4);
+    # 2 key heads serving 4 value heads; rotary on a quarter of each head (4 of 16 dims).
+    'qwen3_5_text': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                         linear_key_head_dim=16, linear_value_head_dim=16),
+    'qwen3_5_moe_text': dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                             linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8,
+                             num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=48),
+}
+
+
+def spread_linear_attention_decays(model) -> None:
+  """Gated DeltaNet heads with decay rates A from 1e-3 to 1 (memories of ~1000 tokens
+  down to ~1). transformers draws A ~ U(0.01, 16), so nearly every head forgets within a
+  few tokens and a recurrent state carried across 64-token chunks would go untested."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  with torch.no_grad():
+    for module in model.modules():
+      if hasattr(module, 'A_log') and hasattr(module, 'dt_bias'):
+        module.A_log.copy_(torch.log(torch.logspace(-3, 0, module.A_log.numel())))
+
+
+# model_type -> adjustments applied after transformers' random init.
+POST_INIT = {
+    'qwen3_5_text': (spread_linear_attention_decays,),
+    'qwen3_5_moe_text': (spread_linear_attention_decays,),
+    'qwen3_5': (spread_linear_attention_decays,),
+    'qwen3_5_moe': (spread_linear_attention_decays,),
 }
 
 
@@ -43,8 +74,23 @@ def config_class(model_type: str):
   return transformers.AutoConfig.for_model(model_type).__class__
 
 
+# Multimodal wrappers: model_type -> (text model_type, a tiny vision tower). The
+# checkpoint is the whole image-text model, as on the hub; the text part is TINY's.
+MULTIMODAL: dict[str, tuple[str, dict[str, Any]]] = {
+    'qwen3_5': ('qwen3_5_text', dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                     out_hidden_size=64)),
+    'qwen3_5_moe': ('qwen3_5_moe_text', dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                                             out_hidden_size=64)),
+}
+
+
 def make_config(model_type: str, vocab_size: int = 256, **overrides):
-  """A tiny transformers config of `model_type` (overrides win)."""
+  """A tiny transformers config of `model_type` (overrides win; for a multimodal
+  wrapper they apply to its text config)."""
+  if model_type in MULTIMODAL:
+    text_type, vision = MULTIMODAL[model_type]
+    text = make_config(text_type, vocab_size, **overrides).to_dict()
+    return config_class(model_type)(text_config=text, vision_config=dict(vision), tie_word_embeddings=False)
   kwargs = dict(TINY.get(model_type, {}))
   kwargs.update(vocab_size=vocab_size, tie_word_embeddings=False)
   kwargs.update(overrides)
@@ -57,7 +103,11 @@ def random_model(config, seed: int = 0, dtype: str = 'float32'):
   import transformers  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(seed)
-  model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+  auto = (transformers.AutoModelForImageTextToText if config.model_type in MULTIMODAL
+          else transformers.AutoModelForCausalLM)
+  model = auto.from_config(config, dtype=getattr(torch, dtype))
+  for adjust in POST_INIT.get(config.model_type, ()):
+    adjust(model)
   return model.eval()
 
 
