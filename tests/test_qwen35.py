@@ -180,13 +180,39 @@ def _stats_of_row(taps: dict[str, np.ndarray], valid: np.ndarray, row: int) -> d
   return acc.finalize()
 
 
-def test_padded_sample_gives_its_own_statistics(checkpoint):
+def _assert_internals_match_transformers(hf_model, ids: np.ndarray, taps: dict[str, np.ndarray]) -> None:
+  """The extra taps against transformers' tensors: in_proj_z's output, and the kernel's
+  output as it enters the gated norm (a pre-hook on `norm`, which sees it as [B*T*Hv, dv])."""
+  import torch
+
+  layer = hf_model.model.layers[1].linear_attn
+  seen = {}
+
+  def keep(name, tensor) -> None:  # a hook returning non-None would replace the tensor
+    seen[name] = tensor.detach().numpy().copy()
+
+  hooks = [layer.in_proj_z.register_forward_hook(lambda m, i, o: keep('gate', o)),
+           layer.norm.register_forward_pre_hook(lambda m, i: keep('core', i[0]))]
+  try:
+    with torch.no_grad():
+      hf_model(input_ids=torch.from_numpy(ids[None].astype(np.int64)))
+  finally:
+    for h in hooks:
+      h.remove()
+  for suffix in ('gate', 'core'):
+    ours = taps[f'layer_1_linear_attn_{suffix}']
+    ref = seen[suffix].reshape(ours.shape)
+    assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max(), suffix
+
+
+def test_padded_sample_gives_its_own_statistics(checkpoint, hf_text_model):
   """A 70-token sample alone, and right-padded to 200 tokens between longer samples."""
   forward = _raw_forward(checkpoint(TEXT))
   r = np.random.RandomState(3)
   n, width = 70, 200
   s = r.randint(0, 256, n).astype(np.int32)
   alone = forward(s[None], np.ones((1, n), bool))
+  _assert_internals_match_transformers(hf_text_model, s, alone)
   ids = r.randint(0, 256, (3, width)).astype(np.int32)
   ids[1, :n] = s  # the tail of row 1 is padding holding arbitrary token ids
   valid = np.ones((3, width), bool)
@@ -232,7 +258,13 @@ def test_measure_matches_reference_pipeline(checkpoint, long_corpus, hf_text_mod
   parity_utils.assert_same_global_max(doc, ref)
   config = load_config(model_dir)
   assert config.layer_types == (LINEAR_ATTENTION,) * 3 + (FULL_ATTENTION,)
-  assert list(ref) == capture.tap_names(config) == list(doc['per_layer_stats'])
+  names = capture.tap_names(config)
+  assert names == list(doc['per_layer_stats'])
+  assert [t for t in names if t in ref] == list(ref)  # the reference's taps, in its order
+  linear = [i for i, kind in enumerate(config.layer_types) if kind == LINEAR_ATTENTION]
+  assert [t for t in names if t not in ref] == [f'layer_{i}_linear_attn_{s}' for i in linear for s in ('core', 'gate')]
+  la, per = config.linear_attention, doc['per_layer_stats']
+  assert per['layer_0_linear_attn_core']['count'] == sum(LENGTHS) * la.num_value_heads * la.value_head_dim
   n = config.num_hidden_layers
   assert len(ref) == 2 + 4 * n
   # Every field: 30 per activation tap (7 basic, 12 Sun, 8 quantile, 3 top-K), 7 per gate tap.
@@ -391,5 +423,8 @@ def test_tap_list_follows_the_reference_result():
   config = parse_config(fixtures.make_config(TEXT).to_dict())
   names = capture.tap_names(config)
   suffixes = lambda taps: [n.split('_', 2)[2] for n in taps if n.startswith('layer_0_')]
-  assert suffixes(names) == suffixes(ref) == ['attn_output', 'mlp_gate', 'mlp_output', 'hidden']
+  assert suffixes(ref) == ['attn_output', 'mlp_gate', 'mlp_output', 'hidden']
+  # Ours: the same four in the same order, then the extra linear-attention taps.
+  assert suffixes(names) == suffixes(ref) + ['linear_attn_core', 'linear_attn_gate']
+  assert [t for t in names if t.startswith('layer_3_')] == [f'layer_3_{s}' for s in suffixes(ref)]
   assert names[0] == ref[0] == 'embedding_output' and names[-1] == ref[-1] == 'final_layernorm'

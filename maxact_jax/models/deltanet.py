@@ -210,6 +210,21 @@ class CausalConv1d(nn.Module):
     return layers.ACTIVATIONS[self.activation](out.astype(x.dtype))
 
 
+class DeltaRule(nn.Module):
+  """The chunked gated delta rule as a parameterless module call, so that its output
+  (the state read-out entering the gated norm, which rescales it away) is a tap."""
+
+  dtype: DType
+  chunk_size: int = CHUNK_SIZE
+
+  @nn.compact
+  def __call__(self, q: Array, k: Array, v: Array, g: Array, beta: Array) -> Array:
+    """-> [B, T, Hv, dv] in the model dtype (transformers returns the kernel output in the
+    input dtype)."""
+    out, _ = chunk_gated_delta_rule(q, k, v, g, beta, self.chunk_size)
+    return out.astype(self.dtype)
+
+
 class GatedRMSNorm(nn.Module):
   """RMSNorm of x, then times silu(gate): transformers' Qwen3_5RMSNormGated (fla's
   FusedRMSNormGated). Plain weight (initialised to ones), norm before the gate."""
@@ -275,7 +290,6 @@ class GatedDeltaNet(nn.Module):
     g = jnp.where(valid[..., None], g, 0.0)
     beta = jnp.where(valid[..., None], beta, jnp.zeros_like(beta))
 
-    core, _ = chunk_gated_delta_rule(q, k, v, g, beta, self.chunk_size)
-    core = core.astype(self.dtype)  # transformers returns the kernel output in the input dtype
+    core = DeltaRule(self.dtype, self.chunk_size, name='delta_rule')(q, k, v, g, beta)
     out = GatedRMSNorm(c.rms_norm_eps, self.dtype, name='norm')(core, z.reshape(b, t, hv, dv))
     return proj(c.hidden_size, 'out_proj')(out.reshape(b, t, value_dim))
