@@ -61,14 +61,19 @@ def time_length(layer, params, config: ModelConfig, length: int, dtype) -> dict:
   t0 = time.perf_counter()
   fn(params, x, valid).block_until_ready()  # compile + first run
   compile_s = time.perf_counter() - t0
-  times = []
+  times, cpu = [], []
   for _ in range(FLAGS.repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn(params, x, valid).block_until_ready()
     times.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
   median = float(np.median(times))
+  # Process CPU time (all threads): the work done, much less sensitive than wall time to
+  # other processes sharing the machine.
+  cpu_median = float(np.median(cpu))
   return {'length': length, 'median_s': median, 'per_token_us': 1e6 * median / (b * length),
-          'min_s': float(min(times)), 'first_call_s': compile_s}
+          'min_s': float(min(times)), 'cpu_s': cpu_median, 'cpu_per_token_us': 1e6 * cpu_median / (b * length),
+          'first_call_s': compile_s}
 
 
 def main(argv):
@@ -83,7 +88,7 @@ def main(argv):
         f'heads of {la.key_head_dim} / {la.value_head_dim}, chunk {deltanet.CHUNK_SIZE}, batch {FLAGS.batch_size}, '
         f'{FLAGS.dtype}, {jax.devices()[0].platform}')
   rows = []
-  print(f'{"tokens":>7} {"median s":>10} {"us/token":>10} {"vs first":>9} {"exponent":>9}')
+  print(f'{"tokens":>7} {"median s":>10} {"us/token":>10} {"vs first":>9} {"exponent":>9} {"cpu us/token":>13}')
   for n in lengths:
     row = time_length(layer, params, config, n, dtype)
     row['per_token_vs_first'] = row['per_token_us'] / (rows[0]['per_token_us'] if rows else row['per_token_us'])
@@ -92,12 +97,14 @@ def main(argv):
                        if rows else None)
     rows.append(row)
     exponent = f'{row["exponent"]:>9.2f}' if row['exponent'] is not None else f'{"":>9}'
-    print(f'{n:>7} {row["median_s"]:>10.4f} {row["per_token_us"]:>10.2f} {row["per_token_vs_first"]:>9.2f} {exponent}')
+    print(f'{n:>7} {row["median_s"]:>10.4f} {row["per_token_us"]:>10.2f} {row["per_token_vs_first"]:>9.2f} '
+          f'{exponent} {row["cpu_per_token_us"]:>13.2f}')
   slope = float(np.polyfit(np.log(lengths), np.log([r['median_s'] for r in rows]), 1)[0])
-  print(f'log-log slope of time vs length: {slope:.3f} (1 = linear, 2 = quadratic)')
+  cpu_slope = float(np.polyfit(np.log(lengths), np.log([max(r['cpu_s'], 1e-9) for r in rows]), 1)[0])
+  print(f'log-log slope vs length (1 = linear, 2 = quadratic): wall time {slope:.3f}, CPU time {cpu_slope:.3f}')
   out = {'config': FLAGS.config or 'small default', 'batch_size': FLAGS.batch_size, 'dtype': FLAGS.dtype,
          'platform': jax.devices()[0].platform, 'chunk_size': deltanet.CHUNK_SIZE, 'rows': rows,
-         'loglog_slope': slope}
+         'loglog_slope': slope, 'loglog_slope_cpu': cpu_slope}
   if FLAGS.output:
     os.makedirs(os.path.dirname(FLAGS.output) or '.', exist_ok=True)
     with open(FLAGS.output, 'w') as f:
