@@ -6,31 +6,35 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from converters import dense, gemma, qwen_vl
+from converters import dense, gemma, qwen35, qwen_vl
 from converters.safetensors_io import Checkpoint
 from converters.weight_map import WeightMap, check_coverage, load, plan, resolve_layout
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 
-MAPS: dict[str, WeightMap] = {
+# model_type -> its WeightMap, or a function of the config giving one (a map whose
+# keys depend on sizes, e.g. one checkpoint tensor per expert).
+MAPS: dict[str, WeightMap | Callable[[ModelConfig], WeightMap]] = {
     **dense.MAPS,
     **gemma.MAPS,
     **qwen_vl.MAPS,
+    **qwen35.MAPS,
 }
 
 
 def weight_map(config: ModelConfig) -> WeightMap:
   try:
-    return MAPS[config.model_type]
+    entry = MAPS[config.model_type]
   except KeyError:
     raise UserError(f'no weight map for model_type {config.model_type!r}') from None
+  return entry if isinstance(entry, WeightMap) else entry(config)
 
 
 def check_checkpoint(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32) -> None:
   """Read only the headers: every tensor is readable and the map covers them exactly."""
   keys = Checkpoint(model_dir).keys()
   config, wmap = resolve_layout(config, weight_map(config), keys, model_dir)
-  check_coverage(plan(config, wmap, dtype), keys, wmap, config, model_dir)
+  check_coverage(plan(config, wmap, dtype, keys), keys, wmap, config, model_dir)
 
 
 def load_params(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32,

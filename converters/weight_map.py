@@ -83,8 +83,12 @@ class Layout:
 class WeightMap:
   """What a family's checkpoint layout adds to the default naming rule."""
 
-  layer_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)
-  model_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)
+  # A Rule, or a tuple of alternative Rules where the family's checkpoints store a
+  # tensor in more than one way (e.g. fused vs per-expert MoE weights): the first
+  # whose tensors the checkpoint holds is used (the first one when planning without
+  # a checkpoint; coverage then names what that layout misses).
+  layer_rules: dict[str, Rule | tuple[Rule, ...]] = dataclasses.field(default_factory=dict)
+  model_rules: dict[str, Rule | tuple[Rule, ...]] = dataclasses.field(default_factory=dict)
   # (regex over checkpoint keys, reason): tensors deliberately left unloaded.
   skip: tuple[tuple[str, str], ...] = ()
   # Checkpoint name of the layer stack under the backbone prefix.
@@ -131,12 +135,28 @@ class ParamPlan:
     return '/'.join(self.path)
 
 
-def _rule(rules: dict[str, Rule], rel: Sequence[str]) -> Rule:
+def _rule(rules: dict[str, Rule | tuple[Rule, ...]], rel: Sequence[str]) -> Rule | tuple[Rule, ...]:
   return rules.get('/'.join(rel)) or default_rule(rel)
 
 
-def plan(config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.float32) -> list[ParamPlan]:
-  """One ParamPlan per Flax parameter of the model built from `config`."""
+def _recipes(rule: Rule | tuple[Rule, ...], owners: Sequence[str],
+             available: set[str] | None) -> tuple[Recipe, ...]:
+  """One Recipe per owner prefix, from the first alternative the checkpoint holds."""
+  alternatives = rule if isinstance(rule, tuple) else (rule,)
+  for alt in alternatives:
+    recipes = tuple(alt(owner) for owner in owners)
+    if available is None or all(k in available for r in recipes for k in r.keys):
+      return recipes
+  return tuple(alternatives[0](owner) for owner in owners)
+
+
+def plan(config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.float32,
+         available: Iterable[str] | None = None) -> list[ParamPlan]:
+  """One ParamPlan per Flax parameter of the model built from `config`.
+
+  `available` (the checkpoint's tensor names) picks among alternative rules.
+  """
+  available = set(available) if available is not None else None
   abstract = transformer.abstract_params(config, dtype)
   segments = {s.name: s for s in transformer.plan_segments(config)}
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
@@ -150,15 +170,14 @@ def plan(config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.float32) -> list
     assert path[0] == 'model', path
     seg = segments.get(path[1])
     if seg is None:
-      recipe = _rule(wmap.model_rules, path[1:])(config.weight_prefix)
-      plans.append(ParamPlan(path, leaf.shape, leaf.dtype, (recipe,), False))
+      recipes = _recipes(_rule(wmap.model_rules, path[1:]), (config.weight_prefix,), available)
+      plans.append(ParamPlan(path, leaf.shape, leaf.dtype, recipes, False))
       continue
     slot, rel = 0, path[2:]
     if seg.period > 1:
       slot, rel = int(path[2][len('slot_'):]), path[3:]
-    rule = _rule(wmap.layer_rules, rel)
-    recipes = tuple(rule(f'{config.weight_prefix}{wmap.layers_name}.{seg.layer(r, slot)}.')
-                    for r in range(seg.repeats))
+    owners = [f'{config.weight_prefix}{wmap.layers_name}.{seg.layer(r, slot)}.' for r in range(seg.repeats)]
+    recipes = _recipes(_rule(wmap.layer_rules, rel), owners, available)
     plans.append(ParamPlan(path, leaf.shape, leaf.dtype, recipes, True))
   return plans
 
@@ -221,7 +240,7 @@ def load(model_dir: str, config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.
   """
   ckpt = Checkpoint(model_dir)
   config, wmap = resolve_layout(config, wmap, ckpt.keys(), model_dir)
-  plans = plan(config, wmap, dtype)
+  plans = plan(config, wmap, dtype, ckpt.keys())
   check_coverage(plans, ckpt.keys(), wmap, config, model_dir)
   place = place or (lambda path, a: jax.device_put(a))
   flat = {}

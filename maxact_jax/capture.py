@@ -41,6 +41,10 @@ LAYER_TAPS: dict[tuple[str, ...], str] = {
     ('mlp', 'gate_proj'): 'mlp_gate',
     ('mlp', 'gate'): 'moe_gate',
     ('mlp', 'router'): 'moe_gate',
+    # Gated DeltaNet internals (beyond the reference): the output gate's pre-activation
+    # and the delta rule's read-out before the gated norm.
+    ('linear_attn', 'in_proj_z'): 'linear_attn_gate',
+    ('linear_attn', 'delta_rule'): 'linear_attn_core',
 }
 # Module path relative to the backbone -> tap name.
 MODEL_TAPS: dict[tuple[str, ...], str] = {

@@ -246,11 +246,18 @@ def _type_names(types) -> str:
 
 
 def read_rope(reader: ConfigReader, head_dim: int, *, theta_key: str = 'rope_theta',
-              default_theta: float = 10000.0) -> RopeConfig:
+              default_theta: float = 10000.0, default_partial: float = 1.0,
+              ignore: tuple[str, ...] = ()) -> RopeConfig:
   """Rope parameters from either the transformers-5 `rope_parameters` object or the
-  older `rope_theta` + `rope_scaling` fields."""
+  older `rope_theta` + `rope_scaling` fields.
+
+  `default_partial` is the family's partial rotary factor when the config names none
+  (transformers: a value inside rope_parameters wins over a top-level field, which wins
+  over the config class's default). `ignore` lists rope fields the family has checked
+  do not change a text-only forward pass (e.g. Qwen3.5's mrope sections).
+  """
   max_pos = reader.get('max_position_embeddings', None, (int,))
-  partial = reader.float('partial_rotary_factor', 1.0)
+  partial = reader.float('partial_rotary_factor', default_partial)
   if reader.has('rope_parameters'):
     params = reader.sub('rope_parameters')
     theta = params.float('rope_theta', reader.float(theta_key, default_theta))
@@ -266,7 +273,7 @@ def read_rope(reader: ConfigReader, head_dim: int, *, theta_key: str = 'rope_the
       reader.ignore('rope_scaling')
       scaling = ConfigReader({})
       rope_type = 'default'
-  scaling.ignore('type', 'rope_type', 'rope_theta')
+  scaling.ignore('type', 'rope_type', 'rope_theta', *ignore)
   partial = scaling.float('partial_rotary_factor', partial)
   kwargs: dict[str, Any] = {}
   if rope_type == 'default':

@@ -52,8 +52,41 @@ TINY: dict[str, dict[str, Any]] = {
                         final_logit_softcapping=2.0, initializer_range=0.2),
     'qwen2_5_vl': dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
                        num_key_value_heads=2, rope_scaling={'type': 'mrope', 'mrope_section': [2, 3, 3]}),
+    # Hybrids: 3 linear-attention layers then 1 full-attention layer (full_attention_interval 4);
+    # 2 key heads serving 4 value heads; rotary on a quarter of each head (4 of 16 dims).
+    'qwen3_5_text': dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                         linear_key_head_dim=16, linear_value_head_dim=16),
+    'qwen3_5_moe_text': dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                             linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8,
+                             num_experts_per_tok=2, moe_intermediate_size=32,
+                             shared_expert_intermediate_size=48),
+}
+
+
+def spread_linear_attention_decays(model) -> None:
+  """Gated DeltaNet heads with decay rates A from 1e-3 to 1 (memories of ~1000 tokens
+  down to ~1). transformers draws A ~ U(0.01, 16), so nearly every head forgets within a
+  few tokens and a recurrent state carried across 64-token chunks would go untested."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  with torch.no_grad():
+    for module in model.modules():
+      if hasattr(module, 'A_log') and hasattr(module, 'dt_bias'):
+        module.A_log.copy_(torch.log(torch.logspace(-3, 0, module.A_log.numel())))
+
+
+# model_type -> adjustments applied after transformers' random init.
+POST_INIT = {
+    'qwen3_5_text': (spread_linear_attention_decays,),
+    'qwen3_5_moe_text': (spread_linear_attention_decays,),
+    'qwen3_5': (spread_linear_attention_decays,),
+    'qwen3_5_moe': (spread_linear_attention_decays,),
 }
 TINY['gemma3'] = TINY['gemma3_text']
+TINY['qwen3_5'] = TINY['qwen3_5_text']
+TINY['qwen3_5_moe'] = TINY['qwen3_5_moe_text']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +101,8 @@ MULTIMODAL: dict[str, Multimodal] = {
     'gemma3': Multimodal(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=28, patch_size=14), dict(mm_tokens_per_image=4)),
     'qwen2_5_vl': Multimodal(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)),
+    'qwen3_5': Multimodal(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)),
+    'qwen3_5_moe': Multimodal(dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)),
 }
 # Families whose RMSNorm weights start at zero ((1 + w) norms): random fixtures give
 # them random weights, so that a norm applied in the wrong place cannot go unseen.
@@ -99,16 +134,17 @@ def random_model(config, seed: int = 0, dtype: str = 'float32'):
   import transformers  # pylint: disable=import-outside-toplevel
 
   torch.manual_seed(seed)
-  try:
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
-  except ValueError:  # multimodal wrappers without a causal-LM class (qwen2_5_vl)
-    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype))
+  auto = (transformers.AutoModelForImageTextToText if config.model_type in MULTIMODAL
+          else transformers.AutoModelForCausalLM)
+  model = auto.from_config(config, dtype=getattr(torch, dtype))
   if config.model_type in ZERO_INIT_NORMS:
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
       for name, p in model.named_parameters():
         if name.endswith('norm.weight'):
           p.copy_(0.3 * torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p.dtype))
+  for adjust in POST_INIT.get(config.model_type, ()):
+    adjust(model)
   return model.eval()
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxact_jax.config import LINEAR_ATTENTION, SLIDING_ATTENTION, ModelConfig
-from maxact_jax.models import layers
+from maxact_jax.models import deltanet, layers, shared_expert_moe
 
 Array = jax.Array
 
@@ -110,16 +110,36 @@ def _attention(config: ModelConfig, dtype, ctx: 'StepContext', window: Array, ro
   return lambda h: attn(h, cos, sin, mask)
 
 
+def _linear_attention(config: ModelConfig, dtype, ctx: 'StepContext', window: Array, rope_index: Array):
+  del window, rope_index  # no positions: the recurrence orders the tokens
+  attn = deltanet.GatedDeltaNet(config, dtype, name='linear_attn')
+  return lambda h: attn(h, ctx.valid)
+
+
 def _dense_mlp(config: ModelConfig, dtype, ctx: 'StepContext'):
   del ctx
   return layers.GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act, dtype,
                          use_bias=config.mlp_bias, name='mlp')
 
 
+def _shared_expert_moe(config: ModelConfig, dtype, ctx: 'StepContext'):
+  del ctx
+  shared_expert_moe.check_supported(config.moe)
+  return shared_expert_moe.SharedExpertMoE(config, dtype, name='mlp')
+
+
 # Layer kind -> factory of the block, called inside DecoderLayer's compact scope.
 # A family with a new attention or MLP block adds its factory here.
-ATTENTION_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {'attn': _attention}
-MLP_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {'dense': _dense_mlp}
+ATTENTION_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {
+    'attn': _attention,
+    'linear': _linear_attention,
+}
+MLP_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {
+    'dense': _dense_mlp,
+    # Qwen3.5-MoE's block (softmax top-k, gated shared expert); to be unified with
+    # the general MoE block of issue 5 (models/moe.py).
+    'moe': _shared_expert_moe,
+}
 
 
 class DecoderLayer(nn.Module):
