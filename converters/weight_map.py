@@ -47,9 +47,22 @@ class Recipe:
   build: Callable[..., np.ndarray] = identity  # (*tensors) -> array
 
 
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+  """Alternative checkpoint layouts of one array (per-expert tensors or one fused
+  tensor; MXFP4 blocks and scales or plain weights): the first option whose tensors
+  all exist in the checkpoint is used (`resolve`)."""
+
+  options: tuple[Recipe, ...]
+
+  @property
+  def keys(self) -> tuple[str, ...]:
+    return self.options[0].keys
+
+
 # A rule maps (checkpoint name of the tensor's owner, e.g. 'model.layers.3.') to a
-# Recipe; it is keyed by the Flax path relative to its layer or to the backbone.
-Rule = Callable[[str], Recipe]
+# Recipe (or OneOf); it is keyed by the Flax path relative to its layer or to the backbone.
+Rule = Callable[[str], 'Recipe | OneOf']
 
 
 def same_name(hf_rel: str, build: Callable[..., np.ndarray] = identity) -> Rule:
@@ -64,6 +77,8 @@ class WeightMap:
   model_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)
   # (regex over checkpoint keys, reason): tensors deliberately left unloaded.
   skip: tuple[tuple[str, str], ...] = ()
+  # More such (regex, reason) pairs that depend on the config (e.g. MTP layer indices).
+  skip_for: Callable[[ModelConfig], tuple[tuple[str, str], ...]] | None = None
   # Checkpoint name of the layer stack under the backbone prefix.
   layers_name: str = 'layers'
 
@@ -122,16 +137,34 @@ def plan(config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.float32) -> list
   return plans
 
 
+def resolve(plans: Iterable[ParamPlan], available: Iterable[str]) -> list[ParamPlan]:
+  """Pick, for every OneOf, the first layout whose tensors the checkpoint has (else the
+  first layout, so that a missing tensor is reported in its terms)."""
+  available = set(available)
+
+  def pick(r):
+    if not isinstance(r, OneOf):
+      return r
+    return next((o for o in r.options if all(k in available for k in o.keys)), r.options[0])
+
+  return [dataclasses.replace(p, recipes=tuple(pick(r) for r in p.recipes)) for p in plans]
+
+
+def skip_patterns(wmap: WeightMap, config: ModelConfig) -> tuple[tuple[str, str], ...]:
+  return tuple(wmap.skip) + (tuple(wmap.skip_for(config)) if wmap.skip_for else ())
+
+
 def check_coverage(plans: Iterable[ParamPlan], available: Iterable[str], wmap: WeightMap,
                    config: ModelConfig, where: str) -> None:
   """Every referenced tensor exists; every tensor is referenced or skipped on purpose."""
   available = set(available)
+  plans = resolve(plans, available)
   wanted = [k for p in plans for r in p.recipes for k in r.keys]
   missing = [k for k in wanted if k not in available]
   if missing:
     more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
     raise UserError(f'{where}: checkpoint is missing tensor {missing[0]}{more}')
-  skips = [re.compile(pattern) for pattern, _ in wmap.skip]
+  skips = [re.compile(pattern) for pattern, _ in skip_patterns(wmap, config)]
   if config.tie_word_embeddings:
     # A tied checkpoint may still store the head; it is the embedding by definition.
     skips.append(re.compile(re.escape(config.lm_head_key) + '$'))
@@ -179,7 +212,7 @@ def load(model_dir: str, config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.
   (default: `jax.device_put`); the host buffer is dropped right after.
   """
   ckpt = Checkpoint(model_dir)
-  plans = plan(config, wmap, dtype)
+  plans = resolve(plan(config, wmap, dtype), ckpt.keys())
   check_coverage(plans, ckpt.keys(), wmap, config, model_dir)
   place = place or (lambda path, a: jax.device_put(a))
   flat = {}

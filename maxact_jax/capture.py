@@ -41,7 +41,12 @@ LAYER_TAPS: dict[tuple[str, ...], str] = {
     ('mlp', 'gate_proj'): 'mlp_gate',
     ('mlp', 'gate'): 'moe_gate',
     ('mlp', 'router'): 'moe_gate',
+    # Probe points of the MoE block (models/moe.py).
+    ('mlp', 'router_logits'): 'router_logits',
+    ('mlp', 'moe_experts'): 'moe_experts',
 }
+# Taps whose value is a dict with their own reduction (not an activation array).
+STRUCTURED_TAPS = {'moe_experts': stats.moe_partial}
 # Module path relative to the backbone -> tap name.
 MODEL_TAPS: dict[tuple[str, ...], str] = {
     ('embed_tokens',): 'embedding_output',
@@ -122,6 +127,8 @@ def reduce_handler(valid: Array, top_k: int = stats.TOP_K) -> Handler:
   """Sow each tap's on-device statistics (the measurement step)."""
 
   def handle(call: TapCall, x: Array):
+    if call.suffix in STRUCTURED_TAPS:
+      return x, STRUCTURED_TAPS[call.suffix](x, valid)
     full = full_stats_for(call.suffix, call.in_layer) and x.ndim == 3
     return x, stats.tap_partial(x, valid, full=full, top_k=top_k)
 
@@ -133,7 +140,7 @@ def raw_handler(dtype=jnp.float32) -> Handler:
 
   def handle(call: TapCall, x: Array):
     del call
-    return x, x.astype(dtype)
+    return x, jax.tree_util.tree_map(lambda a: a.astype(dtype), x)
 
   return handle
 

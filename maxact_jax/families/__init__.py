@@ -5,8 +5,9 @@ model is assembled from shared blocks in `maxact_jax/models/`, and the weight
 map lives in `converters/`. Register a new family by adding its parsers here.
 """
 
-from maxact_jax.families import dense
+from maxact_jax.families import dense, moe
 
 PARSERS = {
     **dense.PARSERS,
+    **moe.PARSERS,
 }

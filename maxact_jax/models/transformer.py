@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxact_jax.config import LINEAR_ATTENTION, SLIDING_ATTENTION, ModelConfig
-from maxact_jax.models import layers
+from maxact_jax.models import layers, moe
 
 Array = jax.Array
 
@@ -116,10 +116,15 @@ def _dense_mlp(config: ModelConfig, dtype, ctx: 'StepContext'):
                          use_bias=config.mlp_bias, name='mlp')
 
 
+def _moe_mlp(config: ModelConfig, dtype, ctx: 'StepContext'):
+  del ctx
+  return moe.MoEBlock(config, dtype, name='mlp')
+
+
 # Layer kind -> factory of the block, called inside DecoderLayer's compact scope.
 # A family with a new attention or MLP block adds its factory here.
 ATTENTION_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {'attn': _attention}
-MLP_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {'dense': _dense_mlp}
+MLP_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {'dense': _dense_mlp, 'moe': _moe_mlp}
 
 
 class DecoderLayer(nn.Module):
@@ -139,7 +144,8 @@ class DecoderLayer(nn.Module):
   def __call__(self, x: Array, xs: tuple[Array, Array, Array], ctx: 'StepContext'):
     window, rope_index, _ = xs
     c = self.config
-    norm = lambda name: layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name=name)
+    norm = lambda name: layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32,
+                                       name=name)
     attn_kind, mlp_kind = self.kind.split('/')
     h = norm('input_layernorm')(x)
     h = ATTENTION_BLOCKS[attn_kind](c, self.dtype, ctx, window, rope_index)(h)
@@ -229,7 +235,7 @@ class Transformer(nn.Module):
                      in_axes=(0, nn.broadcast),
                      length=seg.repeats)
       x, _ = scan(*args, name=seg.name)(x, tuple(jnp.asarray(a) for a in xs), ctx)
-    return layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name='norm')(x)
+    return layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='norm')(x)
 
 
 class CausalLM(nn.Module):
