@@ -49,7 +49,7 @@ def quantize(weight: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarra
   exp = np.where(amax > 0, np.ceil(np.log2(np.maximum(amax, 1e-30) / 6.0)), 0).astype(np.int32)
   exp = np.clip(exp, -127, 127)
   scaled = g / np.ldexp(np.float32(1.0), exp)[..., None]
-  codes = np.abs(scaled[..., None] - FP4_VALUES[:8]).argmin(-1).astype(np.uint8)  # magnitude code
+  codes = np.abs(np.abs(scaled)[..., None] - FP4_VALUES[:8]).argmin(-1).astype(np.uint8)  # magnitude code
   codes |= np.where(scaled < 0, 8, 0).astype(np.uint8)
   blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
   return blocks, (exp + 127).astype(np.uint8)

@@ -138,46 +138,68 @@ def ling_config(glm_config, mtp_layers: int = 1) -> dict[str, Any]:
   }
 
 
+def hub_state_dict(model) -> dict[str, Any]:
+  """The tensors as save_pretrained writes them (transformers 5 reverts its load-time
+  expert merge: per-expert `mlp.experts.{e}.*_proj.weight`); works on meta tensors."""
+  from transformers.core_model_loading import revert_weight_conversion  # pylint: disable=import-outside-toplevel
+
+  return revert_weight_conversion(model, model.state_dict())
+
+
+LING_RENAMES = (
+    ('model.embed_tokens.', 'model.word_embeddings.'),
+    ('.self_attn.q_proj.', '.attention.query_key_value.'),  # q, k, v rows fused, in that order
+    ('.self_attn.o_proj.', '.attention.dense.'),
+    ('.self_attn.q_norm.', '.attention.query_layernorm.'),
+    ('.self_attn.k_norm.', '.attention.key_layernorm.'),
+    ('.mlp.gate.e_score_correction_bias', '.mlp.gate.expert_bias'),
+)
+
+
+def ling_name(key: str) -> str | None:
+  """Ling's checkpoint name of a glm4_moe hub-layout tensor (None: k/v, fused into q's)."""
+  if '.self_attn.k_proj.' in key or '.self_attn.v_proj.' in key:
+    return None
+  for old, new in LING_RENAMES:
+    key = key.replace(old, new)
+  return key
+
+
+def mtp_names(layer_names: list[str], num_layers: int, mtp_layers: int) -> list[str]:
+  """Tensor names of MTP layers num_layers.. : the last decoder layer's, plus the MTP-only ones."""
+  last = f'model.layers.{num_layers - 1}.'
+  out = []
+  for j in range(mtp_layers):
+    p = f'model.layers.{num_layers + j}.'
+    out += [p + k[len(last):] for k in layer_names if k.startswith(last)]
+    out += [f'{p}{name}.weight' for name in ('enorm', 'hnorm', 'final_layernorm', 'eh_proj')]
+  return out
+
+
 def ling_tensors(glm_model, mtp_layers: int = 1, seed: int = 2) -> dict[str, np.ndarray]:
   """The glm4_moe model's weights renamed and fused into Ling's checkpoint layout,
   plus random MTP-layer tensors (which a correct loader skips)."""
   c = glm_model.config
-  sd = {k: v.detach().float().numpy() for k, v in glm_model.state_dict().items()}
+  sd = {k: v.detach().float().numpy() for k, v in hub_state_dict(glm_model).items()}
   out: dict[str, np.ndarray] = {}
   for key, value in sd.items():
-    if '.self_attn.k_proj.' in key or '.self_attn.v_proj.' in key:
-      continue  # fused with q_proj below
+    name = ling_name(key)
+    if name is None:
+      continue
     if key.endswith('.self_attn.q_proj.weight'):
-      p = key[:-len('self_attn.q_proj.weight')]
-      out[p + 'attention.query_key_value.weight'] = np.concatenate(
-          [value, sd[p + 'self_attn.k_proj.weight'], sd[p + 'self_attn.v_proj.weight']], axis=0)
-    elif key.endswith('.mlp.experts.gate_up_proj'):  # [E, 2I, D] in memory
-      p = key[:-len('gate_up_proj')]
-      i = value.shape[1] // 2
-      for e in range(value.shape[0]):
-        out[f'{p}{e}.gate_proj.weight'] = value[e, :i]
-        out[f'{p}{e}.up_proj.weight'] = value[e, i:]
-    elif key.endswith('.mlp.experts.down_proj'):  # [E, D, I]
-      p = key[:-len('down_proj')]
-      for e in range(value.shape[0]):
-        out[f'{p}{e}.down_proj.weight'] = value[e]
-    else:
-      new = (key.replace('model.embed_tokens.', 'model.word_embeddings.')
-             .replace('.self_attn.o_proj.', '.attention.dense.')
-             .replace('.self_attn.q_norm.', '.attention.query_layernorm.')
-             .replace('.self_attn.k_norm.', '.attention.key_layernorm.')
-             .replace('.mlp.gate.e_score_correction_bias', '.mlp.gate.expert_bias'))
-      out[new] = value
+      p = key[:-len('q_proj.weight')]
+      value = np.concatenate([value, sd[p + 'k_proj.weight'], sd[p + 'v_proj.weight']], axis=0)
+    out[name] = value
   rng = np.random.RandomState(seed)
-  d, n = c.hidden_size, c.num_hidden_layers
-  last = f'model.layers.{n - 1}.'
-  for j in range(mtp_layers):
-    p = f'model.layers.{n + j}.'
-    for key in [k for k in out if k.startswith(last)]:
-      out[p + key[len(last):]] = rng.standard_normal(out[key].shape).astype(np.float32) * 0.02
-    for name in ('enorm', 'hnorm', 'final_layernorm'):
-      out[f'{p}{name}.weight'] = np.ones(d, np.float32)
-    out[f'{p}eh_proj.weight'] = rng.standard_normal((d, 2 * d)).astype(np.float32) * 0.02
+  d = c.hidden_size
+  for name in mtp_names(list(out), c.num_hidden_layers, mtp_layers):
+    if name.endswith('eh_proj.weight'):
+      out[name] = rng.standard_normal((d, 2 * d)).astype(np.float32) * 0.02
+    elif name.endswith(('enorm.weight', 'hnorm.weight', 'final_layernorm.weight')):
+      out[name] = np.ones(d, np.float32)
+    else:
+      src = f'model.layers.{c.num_hidden_layers - 1}.' + name.split('.', 3)[3]
+      out[name] = rng.standard_normal(out[src].shape).astype(np.float32) * 0.02
   return out
 
 
