@@ -90,7 +90,7 @@ def test_experts_module_same_under_both_dispatches(monkeypatch):
 
 def test_tile_rows():
   assert moe.tile_rows(8192, 64) == 64
-  assert moe.tile_rows(32768, 64) == 256
+  assert moe.tile_rows(32768, 64) == 128
   assert moe.tile_rows(20, 8) == 8
 
 
