@@ -544,7 +544,8 @@ class MoEStats:
         'expert_load_fraction': [float(x) / (n * self.top_k) for x in counts],
         'expert_mean_weight': [float(w / x) if x else 0.0 for w, x in zip(self.expert_weight_sum, counts)],
         'expert_max_abs_output': [float(x) if np.isfinite(x) else None for x in self.expert_max],
-        'expert_max_at': [None if at_[0] == NO_SAMPLE else describe((int(at_[0]), int(at_[1]), 0))
+        'expert_max_at': [None if at_[0] == NO_SAMPLE else
+                          {k: v for k, v in describe((int(at_[0]), int(at_[1]), 0)).items() if k != 'channel'}
                           for at_ in self.expert_max_at],
         'unused_experts': int((counts == 0).sum()),
         'load_max_over_mean': float(counts.max() / counts.mean()) if counts.mean() > 0 else 0.0,

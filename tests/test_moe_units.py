@@ -357,3 +357,11 @@ def test_moe_stats_merge_is_associative_and_ignores_padding():
   assert abs(a['block_max']['value']) < 1e4
   entry = a['block_max']
   assert entry['dominant_expert'] in entry['experts'] + ['shared']
+
+
+def test_crosscheck_skips_only_taps_past_the_decoder_stack():
+  from maxact_jax import crosscheck
+
+  assert crosscheck._past_stack('layer_20_hidden', 20) and crosscheck._past_stack('layer_21_moe_gate', 20)
+  assert not crosscheck._past_stack('layer_19_hidden', 20)
+  assert not crosscheck._past_stack('final_layernorm', 20) and not crosscheck._past_stack('embedding_output', 20)

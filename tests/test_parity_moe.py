@@ -96,14 +96,15 @@ def test_measure_matches_reference_pipeline(model_type, measured):
 
 
 def _hf_router_outputs(model, samples, batch_size=4):
-  """Per MoE layer: the router's (logits, top-k weights, top-k index) on valid tokens."""
+  """Per MoE layer, on valid tokens: the router's (logits, top-k weights, top-k index)
+  and the MoE block's input."""
   out: dict[int, list] = {}
   hooks = []
   for i, layer in enumerate(torch_reference.text_backbone(model).layers):
     if not hasattr(layer.mlp, 'experts'):
       continue
     router = layer.mlp.gate if hasattr(layer.mlp, 'gate') else layer.mlp.router
-    hooks.append(router.register_forward_hook(lambda m, a, o, i=i: out.setdefault(i, []).append(o)))
+    hooks.append(router.register_forward_hook(lambda m, a, o, i=i: out.setdefault(i, []).append(o + (a[0],))))
   valid = []
   with torch.no_grad():
     for ids, mask in torch_reference.reference_batches(samples, batch_size):
@@ -111,7 +112,22 @@ def _hf_router_outputs(model, samples, batch_size=4):
       valid.append(mask.bool().reshape(-1))
   for h in hooks:
     h.remove()
-  return {i: tuple(torch.cat([o[j] for o in outs])[torch.cat(valid)] for j in range(3)) for i, outs in out.items()}
+  v = torch.cat(valid)
+  return {i: tuple(torch.cat([o[j].reshape(-1, o[j].shape[-1]) for o in outs])[v] for j in range(4))
+          for i, outs in out.items()}
+
+
+def _expert_outputs_max(experts, x, index):
+  """max |expert e's own output| over the tokens routed to it, from transformers' weights."""
+  with torch.no_grad():
+    best = torch.full((experts.num_experts,), -1.0, dtype=torch.float64)
+    for e in range(experts.num_experts):
+      rows = x[(index == e).any(-1)].double()
+      if len(rows):
+        gate, up = (rows @ experts.gate_up_proj[e].double().T).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ experts.down_proj[e].double().T
+        best[e] = y.abs().max()
+  return best.numpy()
 
 
 def test_router_taps_and_moe_statistics(measured):
@@ -125,7 +141,7 @@ def test_router_taps_and_moe_statistics(measured):
   assert n_padded > n_valid
   routers = _hf_router_outputs(model, samples)
   assert sorted(routers) == [0, 2]
-  for i, (logits, weights, index) in routers.items():
+  for i, (logits, weights, index, x) in routers.items():
     ours = doc['per_layer_stats'][f'layer_{i}_moe_gate']
     assert ours['count'] == n_valid * E and ref[f'layer_{i}_moe_gate']['count'] == n_padded * E
     np.testing.assert_allclose([ours['max'], ours['min'], ours['mean']],
@@ -149,6 +165,9 @@ def test_router_taps_and_moe_statistics(measured):
     assert block['dominant_expert'] in block['experts']
     assert block['token_id'] == doc['extremes'][f'layer_{i}_mlp_output'][
         'max' if abs(s['max']) >= abs(s['min']) else 'min']['token_id']
+    want = _expert_outputs_max(torch_reference.text_backbone(model).layers[i].mlp.experts, x, index)
+    got = np.array([-1.0 if m is None else m for m in moe['expert_max_abs_output']])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
     # Routing weights are renormalised (<= 1): the dominant expert's own output is at
     # least as large somewhere as its weighted contribution here.
     assert moe['expert_max_abs_output'][block['dominant_expert']] >= abs(block['dominant_contribution'])
