@@ -213,22 +213,29 @@ def _ffn(x, w_gate_up, b_gate_up, w_down, b_down, act, prec):
   return y + b_down if b_down is not None else y
 
 
-def grouped_ffn_ragged(x, experts, sizes, params, act, prec):
-  """All experts' FFNs on expert-sorted rows x [M, D] with `jax.lax.ragged_dot`."""
+def grouped_ffn_ragged(x, experts, sizes, params, act, prec, restore=None):
+  """All experts' FFNs on expert-sorted rows x [M, D] with `jax.lax.ragged_dot`.
+
+  Returns the output rows in sorted order, or permuted by `restore` ([M] indices
+  into the sorted rows) when given.
+  """
   w_gu, b_gu, w_d, b_d = params
   h = jax.lax.ragged_dot(x, w_gu, sizes, precision=prec)
   if b_gu is not None:
     h = h + b_gu[experts]
   gate, up = jnp.split(h, 2, axis=-1)
   y = jax.lax.ragged_dot(act(gate, up), w_d, sizes, precision=prec)
-  return y + b_d[experts] if b_d is not None else y
+  y = y + b_d[experts] if b_d is not None else y
+  return y if restore is None else y[restore]
 
 
-def grouped_ffn_tiled(x, experts, sizes, params, act, prec, tile: int | None = None):
+def grouped_ffn_tiled(x, experts, sizes, params, act, prec, restore=None, tile: int | None = None):
   """All experts' FFNs on expert-sorted rows x [M, D], one tile of rows at a time.
 
   Each expert's rows are padded to a multiple of `tile`; tile t belongs to one
   expert, and only the tiles in use run (a while loop with a traced trip count).
+  Returns the output rows in sorted order, or permuted by `restore` (one gather
+  from the padded layout instead of two).
   """
   w_gu, b_gu, w_d, b_d = params
   m, d = x.shape
@@ -250,7 +257,7 @@ def grouped_ffn_tiled(x, experts, sizes, params, act, prec, tile: int | None = N
 
   used = padded_end[-1] // tile
   out = jax.lax.fori_loop(0, used, body, jnp.zeros((num_tiles * tile, w_d.shape[-1]), x.dtype))
-  return out[rows]
+  return out[rows if restore is None else rows[restore]]
 
 
 class Experts(nn.Module):
@@ -278,9 +285,8 @@ class Experts(nn.Module):
     params = (w_gu, b_gu, w_d, b_d)
     prec = layers.precision_for(self.dtype)
     grouped = grouped_ffn_ragged if dispatch_impl() == 'ragged' else grouped_ffn_tiled
-    y_sorted = grouped(rows, experts, sizes, params, expert_activation(m), prec)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    y = y_sorted[inverse].reshape(n, k, d)
+    y = grouped(rows, experts, sizes, params, expert_activation(m), prec, restore=inverse).reshape(n, k, d)
     # Combine in float32 and cast once (Ling's moe_infer does this; transformers'
     # qwen3_moe/glm4_moe/gpt-oss accumulate with index_add_ in the model dtype: equal
     # in float32, within a bf16 rounding per add otherwise).
