@@ -365,3 +365,42 @@ def test_crosscheck_skips_only_taps_past_the_decoder_stack():
   assert crosscheck._past_stack('layer_20_hidden', 20) and crosscheck._past_stack('layer_21_moe_gate', 20)
   assert not crosscheck._past_stack('layer_19_hidden', 20)
   assert not crosscheck._past_stack('final_layernorm', 20) and not crosscheck._past_stack('embedding_output', 20)
+
+
+def test_gated_shared_expert_block_matches_qwen2_moe():
+  """The Qwen-MoE style gated shared expert (sigmoid(shared_expert_gate(x)) *
+  shared_expert(x)), block against block: transformers' Qwen2MoeSparseMoeBlock."""
+  import transformers
+  from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+  from maxact_jax import fixtures_moe
+  from maxact_jax.config import ModelConfig, RopeConfig
+
+  cfg = transformers.Qwen2MoeConfig(hidden_size=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                                    shared_expert_intermediate_size=24, norm_topk_prob=False)
+  torch.manual_seed(0)
+  block = Qwen2MoeSparseMoeBlock(cfg).float()
+  with torch.no_grad():
+    for p in block.parameters():
+      p.normal_(0, 0.2)
+  fixtures_moe.jitter_constants(block)
+  t = lambda w: jnp.asarray(w.detach().numpy().T)
+  e = block.experts
+  params = {
+      'gate': {'kernel': t(block.gate.weight)},
+      'experts': {'gate_up_proj': jnp.asarray(e.gate_up_proj.detach().numpy().transpose(0, 2, 1)),
+                  'down_proj': jnp.asarray(e.down_proj.detach().numpy().transpose(0, 2, 1))},
+      'shared_expert': {n: {'kernel': t(getattr(block.shared_expert, n).weight)}
+                        for n in ('gate_proj', 'up_proj', 'down_proj')},
+      'shared_expert_gate': {'kernel': t(block.shared_expert_gate.weight)},
+  }
+  config = ModelConfig(model_type='test', vocab_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                       num_key_value_heads=1, head_dim=32, intermediate_size=16, rms_norm_eps=1e-6,
+                       rope=RopeConfig(theta=1e4),
+                       moe=MoEConfig(8, 2, 16, norm_topk_prob=False, shared_expert_intermediate_size=24,
+                                     shared_expert_gate=True))
+  x = np.random.default_rng(0).standard_normal((2, 5, 32)).astype(np.float32)
+  ours = moe.MoEBlock(config, jnp.float32).apply({'params': params}, jnp.asarray(x))
+  with torch.no_grad():
+    want = block(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(ours), want, rtol=1e-5, atol=1e-5)
