@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from converters import dense, gemma, qwen35, qwen_vl
+from converters import dense, gemma, moe, qwen35, qwen_vl
 from converters.safetensors_io import Checkpoint
 from converters.weight_map import WeightMap, check_coverage, load, plan, resolve_layout
 from maxact_jax.config import ModelConfig
@@ -19,6 +19,7 @@ MAPS: dict[str, WeightMap | Callable[[ModelConfig], WeightMap]] = {
     **gemma.MAPS,
     **qwen_vl.MAPS,
     **qwen35.MAPS,
+    **moe.MAPS,
 }
 
 

@@ -21,15 +21,9 @@ special:
   Flax block keeps [E, D, 2I] / [E, I, D], the layout its grouped matmuls read.
 """
 
-import numpy as np
-
-from converters.weight_map import Layout, Recipe, Rule, WeightMap, same_name
+from converters import moe
+from converters.weight_map import Layout, WeightMap
 from maxact_jax.config import ModelConfig
-
-
-def swap_last_axes(a: np.ndarray) -> np.ndarray:
-  """[E, out, in] (torch) -> [E, in, out]: per-expert Linear weights to kernels."""
-  return np.swapaxes(a, -1, -2)
 
 
 SKIP = (
@@ -46,40 +40,10 @@ LAYOUTS = (
 MAP = WeightMap(layouts=LAYOUTS)
 
 
-def fused_gate_up_from_experts(num_experts: int):
-  """Per-expert gate_proj / up_proj [I, D] (all gates, then all ups) -> [E, D, 2I]."""
-
-  def build(*tensors: np.ndarray) -> np.ndarray:
-    gates, ups = tensors[:num_experts], tensors[num_experts:]
-    return swap_last_axes(np.stack([np.concatenate([g, u], axis=0) for g, u in zip(gates, ups)]))
-
-  return build
-
-
-def stacked_down(*tensors: np.ndarray) -> np.ndarray:
-  """Per-expert down_proj [D, I] -> [E, I, D]."""
-  return swap_last_axes(np.stack(tensors))
-
-
 def moe_map(config: ModelConfig) -> WeightMap:
-  """The MoE map: fused expert tensors (hub) or one per expert (save_pretrained)."""
-  e = config.moe.num_experts
-  per_expert = lambda proj: [f'mlp.experts.{i}.{proj}.weight' for i in range(e)]
-
-  def per_expert_rule(projs: tuple[str, ...], build) -> Rule:
-    names = [n for proj in projs for n in per_expert(proj)]
-    return lambda prefix: Recipe(tuple(prefix + n for n in names), build)
-
-  return WeightMap(
-      layer_rules={
-          'mlp/experts/gate_up_proj': (
-              same_name('mlp.experts.gate_up_proj', swap_last_axes),
-              per_expert_rule(('gate_proj', 'up_proj'), fused_gate_up_from_experts(e))),
-          'mlp/experts/down_proj': (
-              same_name('mlp.experts.down_proj', swap_last_axes),
-              per_expert_rule(('down_proj',), stacked_down)),
-      },
-      layouts=LAYOUTS)
+  """The MoE map: experts fused (hub) or one tensor per expert (save_pretrained),
+  the layouts every Qwen-style MoE shares (converters/moe.py)."""
+  return WeightMap(layer_rules=moe.expert_rules(config), layouts=LAYOUTS)
 
 
 MAPS = {

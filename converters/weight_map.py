@@ -47,9 +47,22 @@ class Recipe:
   build: Callable[..., np.ndarray] = identity  # (*tensors) -> array
 
 
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+  """Alternative checkpoint layouts of one array (per-expert tensors or one fused
+  tensor; MXFP4 blocks and scales or plain weights): the first option whose tensors
+  all exist in the checkpoint is used (`resolve`)."""
+
+  options: tuple[Recipe, ...]
+
+  @property
+  def keys(self) -> tuple[str, ...]:
+    return self.options[0].keys
+
+
 # A rule maps (checkpoint name of the tensor's owner, e.g. 'model.layers.3.') to a
-# Recipe; it is keyed by the Flax path relative to its layer or to the backbone.
-Rule = Callable[[str], Recipe]
+# Recipe (or OneOf); it is keyed by the Flax path relative to its layer or to the backbone.
+Rule = Callable[[str], 'Recipe | OneOf']
 
 
 def same_name(hf_rel: str, build: Callable[..., np.ndarray] = identity) -> Rule:
@@ -83,14 +96,12 @@ class Layout:
 class WeightMap:
   """What a family's checkpoint layout adds to the default naming rule."""
 
-  # A Rule, or a tuple of alternative Rules where the family's checkpoints store a
-  # tensor in more than one way (e.g. fused vs per-expert MoE weights): the first
-  # whose tensors the checkpoint holds is used (the first one when planning without
-  # a checkpoint; coverage then names what that layout misses).
-  layer_rules: dict[str, Rule | tuple[Rule, ...]] = dataclasses.field(default_factory=dict)
-  model_rules: dict[str, Rule | tuple[Rule, ...]] = dataclasses.field(default_factory=dict)
+  layer_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)
+  model_rules: dict[str, Rule] = dataclasses.field(default_factory=dict)
   # (regex over checkpoint keys, reason): tensors deliberately left unloaded.
   skip: tuple[tuple[str, str], ...] = ()
+  # More such (regex, reason) pairs that depend on the config (e.g. MTP layer indices).
+  skip_for: Callable[[ModelConfig], tuple[tuple[str, str], ...]] | None = None
   # Checkpoint name of the layer stack under the backbone prefix.
   layers_name: str = 'layers'
   # Alternative key layouts (multimodal checkpoints); empty: the config's prefix.
@@ -135,28 +146,22 @@ class ParamPlan:
     return '/'.join(self.path)
 
 
-def _rule(rules: dict[str, Rule | tuple[Rule, ...]], rel: Sequence[str]) -> Rule | tuple[Rule, ...]:
+def _rule(rules: dict[str, Rule], rel: Sequence[str]) -> Rule:
   return rules.get('/'.join(rel)) or default_rule(rel)
 
 
-def _recipes(rule: Rule | tuple[Rule, ...], owners: Sequence[str],
-             available: set[str] | None) -> tuple[Recipe, ...]:
-  """One Recipe per owner prefix, from the first alternative the checkpoint holds."""
-  alternatives = rule if isinstance(rule, tuple) else (rule,)
-  for alt in alternatives:
-    recipes = tuple(alt(owner) for owner in owners)
-    if available is None or all(k in available for r in recipes for k in r.keys):
-      return recipes
-  return tuple(alternatives[0](owner) for owner in owners)
+def one_of(*rules: Rule) -> Rule:
+  """A rule for a tensor the family's checkpoints store in several ways (fused or
+  per-expert experts, say): the first option the checkpoint holds is used."""
+  return lambda prefix: OneOf(tuple(rule(prefix) for rule in rules))
 
 
 def plan(config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.float32,
          available: Iterable[str] | None = None) -> list[ParamPlan]:
   """One ParamPlan per Flax parameter of the model built from `config`.
 
-  `available` (the checkpoint's tensor names) picks among alternative rules.
+  `available` (the checkpoint's tensor names) picks among OneOf alternatives.
   """
-  available = set(available) if available is not None else None
   abstract = transformer.abstract_params(config, dtype)
   segments = {s.name: s for s in transformer.plan_segments(config)}
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
@@ -170,28 +175,47 @@ def plan(config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.float32,
     assert path[0] == 'model', path
     seg = segments.get(path[1])
     if seg is None:
-      recipes = _recipes(_rule(wmap.model_rules, path[1:]), (config.weight_prefix,), available)
+      recipes = (_rule(wmap.model_rules, path[1:])(config.weight_prefix),)
       plans.append(ParamPlan(path, leaf.shape, leaf.dtype, recipes, False))
       continue
     slot, rel = 0, path[2:]
     if seg.period > 1:
       slot, rel = int(path[2][len('slot_'):]), path[3:]
     owners = [f'{config.weight_prefix}{wmap.layers_name}.{seg.layer(r, slot)}.' for r in range(seg.repeats)]
-    recipes = _recipes(_rule(wmap.layer_rules, rel), owners, available)
+    rule = _rule(wmap.layer_rules, rel)
+    recipes = tuple(rule(owner) for owner in owners)
     plans.append(ParamPlan(path, leaf.shape, leaf.dtype, recipes, True))
-  return plans
+  return resolve(plans, available) if available is not None else plans
+
+
+def resolve(plans: Iterable[ParamPlan], available: Iterable[str]) -> list[ParamPlan]:
+  """Pick, for every OneOf, the first layout whose tensors the checkpoint has (else the
+  first layout, so that a missing tensor is reported in its terms)."""
+  available = set(available)
+
+  def pick(r):
+    if not isinstance(r, OneOf):
+      return r
+    return next((o for o in r.options if all(k in available for k in o.keys)), r.options[0])
+
+  return [dataclasses.replace(p, recipes=tuple(pick(r) for r in p.recipes)) for p in plans]
+
+
+def skip_patterns(wmap: WeightMap, config: ModelConfig) -> tuple[tuple[str, str], ...]:
+  return tuple(wmap.skip) + (tuple(wmap.skip_for(config)) if wmap.skip_for else ())
 
 
 def check_coverage(plans: Iterable[ParamPlan], available: Iterable[str], wmap: WeightMap,
                    config: ModelConfig, where: str) -> None:
   """Every referenced tensor exists; every tensor is referenced or skipped on purpose."""
   available = set(available)
+  plans = resolve(plans, available)
   wanted = [k for p in plans for r in p.recipes for k in r.keys]
   missing = [k for k in wanted if k not in available]
   if missing:
     more = f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''
     raise UserError(f'{where}: checkpoint is missing tensor {missing[0]}{more}')
-  skips = [re.compile(pattern) for pattern, _ in wmap.skip]
+  skips = [re.compile(pattern) for pattern, _ in skip_patterns(wmap, config)]
   if config.tie_word_embeddings:
     # A tied checkpoint may still store the head; it is the embedding by definition.
     skips.append(re.compile(re.escape(config.lm_head_key) + '$'))

@@ -45,7 +45,12 @@ LAYER_TAPS: dict[tuple[str, ...], str] = {
     # and the delta rule's read-out before the gated norm.
     ('linear_attn', 'in_proj_z'): 'linear_attn_gate',
     ('linear_attn', 'delta_rule'): 'linear_attn_core',
+    # Probe points of the MoE block (models/moe.py).
+    ('mlp', 'router_logits'): 'router_logits',
+    ('mlp', 'moe_experts'): 'moe_experts',
 }
+# Taps whose value is a dict with their own reduction (not an activation array).
+STRUCTURED_TAPS = {'moe_experts': stats.moe_partial}
 # Module path relative to the backbone -> tap name.
 MODEL_TAPS: dict[tuple[str, ...], str] = {
     ('embed_tokens',): 'embedding_output',
@@ -163,10 +168,18 @@ class ReduceTaps(GroupHandler):
   def reduce(self, calls, values):
     groups: dict[tuple, list[int]] = {}
     for i, (call, x) in enumerate(zip(calls, values)):
+      if call.suffix in STRUCTURED_TAPS:
+        groups.setdefault(('structured',), []).append(i)
+        continue
       full = full_stats_for(call.suffix, call.in_layer) and x.ndim == 3
       groups.setdefault((full, x.shape, x.dtype), []).append(i)
     out: list[Any] = [None] * len(calls)
-    for (full, _, _), members in groups.items():
+    for i in groups.get(('structured',), []):
+      out[i] = STRUCTURED_TAPS[calls[i].suffix](values[i], self.valid)
+    for key, members in groups.items():
+      if key == ('structured',):
+        continue
+      full = key[0]
       fn = lambda x, full=full: stats.tap_partial(x, self.valid, full=full, top_k=self.top_k)
       if len(members) == 1:
         out[members[0]] = fn(values[members[0]])
@@ -186,7 +199,7 @@ def raw_handler(dtype=jnp.float32) -> Handler:
 
   def handle(call: TapCall, x: Array):
     del call
-    return x, x.astype(dtype)
+    return x, jax.tree_util.tree_map(lambda a: a.astype(dtype), x)
 
   return handle
 

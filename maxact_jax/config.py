@@ -50,7 +50,7 @@ class MoEConfig:
   num_experts: int
   num_experts_per_tok: int
   moe_intermediate_size: int
-  router: str = 'softmax_topk'  # how scores become routing weights; see models/moe.py
+  router: str = 'softmax_topk'  # how scores become routing weights; see models/moe.py ROUTERS
   norm_topk_prob: bool = True
   router_bias: bool = False  # a bias on the router projection (gpt-oss)
   expert_bias: bool = False  # experts' projections carry biases (gpt-oss)
@@ -62,6 +62,17 @@ class MoEConfig:
   shared_expert_gate: bool = False
   swiglu_limit: float | None = None  # gpt-oss clamped SwiGLU
   swiglu_alpha: float | None = None
+  # The HF name of the router module: 'gate' (qwen3_moe, glm4_moe, bailing_moe) or 'router' (gpt-oss).
+  router_name: str = 'gate'
+  # Router matmul in float32 (input and weight upcast), as glm4_moe / bailing_moe do.
+  router_fp32: bool = False
+  # Router weight and correction bias stored in float32 whatever the model dtype
+  # (transformers' _keep_in_fp32_modules_strict for glm4_moe).
+  router_fp32_params: bool = False
+  # What `layer_{i}_router_logits` holds: 'logits' (raw router logits [B, T, E]) or
+  # 'topk_weights' (the routing weights [B, T, K]: what gpt-oss's MoE block returns
+  # as its second output, hence what the reference recorded under that name).
+  router_logits_tap: str = 'logits'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +124,12 @@ class ModelConfig:
   embed_scale: bool = False  # embeddings times sqrt(hidden) inside the embedding module (the tap sees it)
   sandwich_norms: bool = False  # post-attention and pre/post feed-forward norms
   final_logit_softcap: float | None = None
+  # RMSNorm multiplies the float32-normalised input by the weight before casting back
+  # (gpt-oss), instead of casting first (llama).
+  norm_weight_fp32: bool = False
+  # Multi-token-prediction layers stored after the decoder stack (model.layers.{N + j}):
+  # not part of the forward pass, so their tensors are skipped by the converter.
+  mtp_layers: int = 0
   # Where the language model's tensors sit in the checkpoint (multimodal wrappers).
   weight_prefix: str = 'model.'
   lm_head_key: str = 'lm_head.weight'

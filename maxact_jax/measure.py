@@ -61,7 +61,7 @@ class Accumulator:
     for name, partial in partials.items():
       tap = self.taps.get(name)
       if tap is None:
-        tap = self.taps[name] = stats.TapStats(full='hist' in partial)
+        tap = self.taps[name] = stats.new_state(partial)
       tap.update(partial, batch.sample_ids, n_tokens)
     self.batches += 1
     self.tokens += n_tokens

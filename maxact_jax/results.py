@@ -7,6 +7,8 @@ reference read our files unchanged:
 
 - `extremes`: per tap, where its max and min sit (sample index in the corpus,
   token position, token id and text, channel);
+- `moe`: per MoE layer (`layer_{i}_moe_experts`), tokens and max |output| per
+  expert, the expert behind the block's largest output, router entropy;
 - `run`: how the numbers were made (dtype, batch shapes, padding, versions).
 """
 
@@ -50,6 +52,8 @@ def build_documents(*, header: dict[str, Any], taps: dict[str, stats.TapStats],
     data_path, num_samples, max_seq_len (the reference's header fields).
   describe: (sample, position, channel) -> location fields (token id, text).
   """
+  moe_taps = {name: t for name, t in taps.items() if isinstance(t, stats.MoEStats)}
+  taps = {name: t for name, t in taps.items() if name not in moe_taps}
   summary = {name: t.finalize() for name, t in taps.items()}
   summary = {k: v for k, v in summary.items() if v}
   value, location = stats.global_max(summary)
@@ -79,6 +83,8 @@ def build_documents(*, header: dict[str, Any], taps: dict[str, stats.TapStats],
   nonfinite = {name: {'nan': t.nan, 'posinf': t.posinf, 'neginf': t.neginf}
                for name, t in taps.items() if t.nan or t.posinf or t.neginf}
   doc['nonfinite'] = nonfinite
+  if moe_taps:
+    doc['moe'] = {name: t.finalize(describe) for name, t in moe_taps.items()}
   if run_info:
     doc['run'] = run_info
 

@@ -445,3 +445,186 @@ def global_max(summary: dict[str, dict[str, Any]]) -> tuple[float, str]:
       if abs(value) > best_abs:
         best_abs, best_val, best_loc = abs(value), value, f'{name} ({key})'
   return best_val, best_loc
+
+
+# ---------------------------------------------------------------------------
+# MoE-aware statistics (beyond the reference): one `<layer>_moe_experts` tap per
+# MoE layer, reduced from the block's routing and per-assignment expert outputs.
+
+MOE_SUFFIX = '_moe_experts'
+
+
+def moe_partial(v: dict[str, jax.Array], valid: jax.Array) -> dict[str, jax.Array]:
+  """Reduce one MoE layer's routing for one batch, over valid tokens only.
+
+  Args:
+    v: the block's probe: 'index' [B, T, K] int32 chosen experts, 'weight'
+      [B, T, K] routing weights, 'probs' [B, T, E] the router's distribution,
+      'expert_out' [B, T, K, D] each chosen expert's own (unweighted) output,
+      'output' [B, T, D] the block output, optionally 'shared' [B, T, D].
+    valid: [B, T] bool.
+
+  Returns per-expert token counts, routing-weight sums and max |output| (with
+  the (batch row, position) of the first token reaching it), the block's
+  largest |output| with its coordinates and the chosen experts' weighted
+  contributions at that element, and router-entropy sums.
+  """
+  index, probs = v['index'], v['probs'].astype(jnp.float32)
+  b, t, k = index.shape
+  e = probs.shape[-1]
+  flat_valid = jnp.broadcast_to(valid[:, :, None], index.shape).reshape(-1)
+  segment = jnp.where(flat_valid, index.reshape(-1), e)  # padding -> a dropped segment
+  out: dict[str, jax.Array] = {
+      'expert_count': jax.ops.segment_sum(jnp.ones_like(segment), segment, e + 1)[:e].astype(jnp.int32),
+      'expert_weight_sum': jax.ops.segment_sum(v['weight'].astype(jnp.float32).reshape(-1), segment, e + 1)[:e],
+  }
+  amax = jnp.abs(v['expert_out'].astype(jnp.float32)).max(axis=-1).reshape(-1)  # [M]
+  amax = jnp.where(flat_valid & ~jnp.isnan(amax), amax, -jnp.inf)
+  emax = jax.ops.segment_max(amax, segment, e + 1)  # [E + 1], -inf where unused
+  token = jnp.arange(b * t * k, dtype=jnp.int32) // k
+  first = jax.ops.segment_min(jnp.where(amax == emax[segment], token, b * t), segment, e + 1)[:e]
+  out['expert_max'] = emax[:e]
+  out['expert_max_at'] = jnp.stack([first // t, first % t], axis=-1).astype(jnp.int32)
+
+  # The block's largest |output| (first in row-major order) and who made it.
+  y = v['output'].astype(jnp.float32)
+  score = jnp.where(valid[:, :, None] & ~jnp.isnan(y), jnp.abs(y), -1.0)
+  flat = jnp.argmax(score.reshape(-1))
+  d = y.shape[-1]
+  bi, ti, ci = flat // (t * d), (flat // d) % t, flat % d
+  out['peak_value'] = y[bi, ti, ci]
+  out['peak_at'] = jnp.stack([bi, ti, ci]).astype(jnp.int32)
+  out['peak_experts'] = index[bi, ti]
+  out['peak_contrib'] = v['weight'][bi, ti].astype(jnp.float32) * v['expert_out'][bi, ti, :, ci].astype(jnp.float32)
+  out['peak_shared'] = v['shared'][bi, ti, ci].astype(jnp.float32) if 'shared' in v else jnp.zeros((), jnp.float32)
+
+  # Router entropy (nats) of each valid token's distribution over all experts.
+  ent = -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
+  out['entropy_sum'] = jnp.where(valid, ent, 0.0).sum(axis=1)
+  out['entropy_sum_sq'] = jnp.where(valid, ent * ent, 0.0).sum(axis=1)
+  out['entropy_max'] = jnp.where(valid, ent, -jnp.inf).max()
+  out['entropy_min'] = jnp.where(valid, ent, jnp.inf).min()
+  out['tokens'] = valid.sum(axis=1, dtype=jnp.int32)
+  return out
+
+
+class MoEStats:
+  """Running MoE statistics of one layer: associative merge like `TapStats`."""
+
+  def __init__(self, num_experts: int, top_k: int):
+    self.num_experts, self.top_k = num_experts, top_k
+    self.tokens = 0
+    self.expert_count = np.zeros(num_experts, np.int64)
+    self.expert_weight_sum = np.zeros(num_experts, np.float64)
+    self.expert_max = np.full(num_experts, -np.inf)
+    self.expert_max_at = np.tile(np.array([NO_SAMPLE, 0], np.int64), (num_experts, 1))
+    # The block's largest |output|: (signed value, (sample, position, channel), experts, contributions, shared).
+    self.peak = (0.0, (NO_SAMPLE, 0, 0), [], [], 0.0)
+    self.entropy_sum = self.entropy_sum_sq = 0.0
+    self.entropy_max, self.entropy_min = -math.inf, math.inf
+
+  @classmethod
+  def for_partial(cls, p: dict[str, np.ndarray]) -> 'MoEStats':
+    return cls(int(p['expert_count'].shape[0]), int(p['peak_experts'].shape[0]))
+
+  def update(self, p: dict[str, np.ndarray], sample_ids: np.ndarray, n_tokens: int | None = None) -> None:
+    del n_tokens
+    tokens = int(p['tokens'].sum())
+    if tokens == 0:
+      return
+    self.tokens += tokens
+    self.expert_count += p['expert_count'].astype(np.int64)
+    self.expert_weight_sum += p['expert_weight_sum'].astype(np.float64)
+    at = p['expert_max_at'].astype(np.int64)
+    used = p['expert_count'] > 0
+    at[:, 0] = np.where(used, sample_ids[np.minimum(at[:, 0], len(sample_ids) - 1)], NO_SAMPLE)
+    self._take_expert_max(p['expert_max'].astype(np.float64), at)
+    bi, ti, ci = (int(v) for v in p['peak_at'])
+    self._take_peak((float(p['peak_value']), (int(sample_ids[bi]), ti, ci), [int(e) for e in p['peak_experts']],
+                     [float(c) for c in p['peak_contrib']], float(p['peak_shared'])))
+    self.entropy_sum += float(p['entropy_sum'].astype(np.float64).sum())
+    self.entropy_sum_sq += float(p['entropy_sum_sq'].astype(np.float64).sum())
+    self.entropy_max = max(self.entropy_max, float(p['entropy_max']))
+    self.entropy_min = min(self.entropy_min, float(p['entropy_min']))
+
+  def _take_expert_max(self, values: np.ndarray, at: np.ndarray) -> None:
+    for j in range(self.num_experts):
+      cand, cur = (values[j], tuple(at[j])), (self.expert_max[j], tuple(self.expert_max_at[j]))
+      if cand[0] > cur[0] or (cand[0] == cur[0] and cand[1] < cur[1]):
+        self.expert_max[j], self.expert_max_at[j] = cand[0], at[j]
+
+  def _take_peak(self, cand) -> None:
+    cur = self.peak
+    if abs(cand[0]) > abs(cur[0]) or (abs(cand[0]) == abs(cur[0]) and cand[1] < cur[1]):
+      self.peak = cand
+
+  def merge(self, other: 'MoEStats') -> 'MoEStats':
+    self.tokens += other.tokens
+    self.expert_count += other.expert_count
+    self.expert_weight_sum += other.expert_weight_sum
+    self._take_expert_max(other.expert_max, other.expert_max_at)
+    self._take_peak(other.peak)
+    self.entropy_sum += other.entropy_sum
+    self.entropy_sum_sq += other.entropy_sum_sq
+    self.entropy_max = max(self.entropy_max, other.entropy_max)
+    self.entropy_min = min(self.entropy_min, other.entropy_min)
+    return self
+
+  def dominant(self) -> tuple[int | str | None, float]:
+    """The expert (or 'shared') whose weighted contribution to the peak element is largest."""
+    value, _, experts, contrib, shared = self.peak
+    if not experts:
+      return None, 0.0
+    candidates = list(zip(experts, contrib)) + ([('shared', shared)] if shared != 0.0 else [])
+    who, c = max(candidates, key=lambda ec: abs(ec[1]))
+    return who, c
+
+  def finalize(self, describe=None) -> dict[str, Any]:
+    """JSON-ready per-layer MoE statistics; `describe` turns (sample, position, channel) into fields."""
+    n = self.tokens
+    if n == 0:
+      return {}
+    describe = describe or (lambda at: {'sample': at[0], 'position': at[1], 'channel': at[2]})
+    counts = self.expert_count
+    mean_r = self.entropy_sum / n
+    value, at, experts, contrib, shared = self.peak
+    who, c = self.dominant()
+    return {
+        'num_experts': self.num_experts,
+        'top_k': self.top_k,
+        'tokens': n,
+        'expert_tokens': [int(x) for x in counts],
+        'expert_load_fraction': [float(x) / (n * self.top_k) for x in counts],
+        'expert_mean_weight': [float(w / x) if x else 0.0 for w, x in zip(self.expert_weight_sum, counts)],
+        'expert_max_abs_output': [float(x) if np.isfinite(x) else None for x in self.expert_max],
+        'expert_max_at': [None if at_[0] == NO_SAMPLE else
+                          {k: v for k, v in describe((int(at_[0]), int(at_[1]), 0)).items() if k != 'channel'}
+                          for at_ in self.expert_max_at],
+        'unused_experts': int((counts == 0).sum()),
+        'load_max_over_mean': float(counts.max() / counts.mean()) if counts.mean() > 0 else 0.0,
+        'block_max': {
+            'value': value, **describe(at), 'experts': experts, 'contributions': contrib,
+            'shared_contribution': shared, 'dominant_expert': who, 'dominant_contribution': c,
+        },
+        'router_entropy_mean': mean_r,
+        'router_entropy_std': max(0.0, self.entropy_sum_sq / n - mean_r**2) ** 0.5,
+        'router_entropy_max': self.entropy_max,
+        'router_entropy_min': self.entropy_min,
+        'router_entropy_uniform': math.log(self.num_experts),
+    }
+
+  def state_dict(self) -> dict[str, Any]:
+    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
+
+  @classmethod
+  def from_state_dict(cls, state: dict[str, Any]) -> 'MoEStats':
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
+def new_state(partial: dict[str, Any], top_k: int = TOP_K):
+  """The running state that fits a tap's partial: MoEStats for MoE taps, else TapStats."""
+  if 'expert_count' in partial:
+    return MoEStats.for_partial(partial)
+  return TapStats(full='hist' in partial, top_k=top_k)

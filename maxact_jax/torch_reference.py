@@ -15,7 +15,9 @@ and the final norm.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -50,8 +52,28 @@ def _first(out):
   return out[0] if isinstance(out, tuple) else out
 
 
-def register_taps(model: torch.nn.Module, callback: TapCallback) -> list:
-  """Forward hooks that call `callback(tap_name, tensor)`; returns the handles."""
+def _router_output(out, prefer_logits: bool):
+  """The router hook's tensor: its first output, as the reference takes it.
+
+  Ling's remote-code gate returns (topk_idx, topk_weight, logits), so the
+  reference's moe_gate for bailing_moe holds expert *indices*. With
+  `prefer_logits` (crosscheck), an integer first output is replaced by the
+  router's logits (its widest floating output), which is what our moe_gate holds.
+  """
+  first = _first(out)
+  if prefer_logits and isinstance(out, tuple) and torch.is_tensor(first) and not first.is_floating_point():
+    floats = [t for t in out if torch.is_tensor(t) and t.is_floating_point()]
+    if floats:
+      return max(floats, key=lambda t: t.shape[-1])
+  return first
+
+
+def register_taps(model: torch.nn.Module, callback: TapCallback, router_logits: bool = False) -> list:
+  """Forward hooks that call `callback(tap_name, tensor)`; returns the handles.
+
+  router_logits: take a router's logits where its first output is integer
+  (see `_router_output`); False reproduces the reference exactly.
+  """
   base = text_backbone(model)
   handles = []
 
@@ -79,7 +101,7 @@ def register_taps(model: torch.nn.Module, callback: TapCallback) -> list:
       hook(mlp, moe_out)
       router = getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)
       if router is not None:
-        hook(router, lambda o, i=i: callback(f'layer_{i}_moe_gate', _first(o)))
+        hook(router, lambda o, i=i: callback(f'layer_{i}_moe_gate', _router_output(o, router_logits)))
     else:
       hook(mlp, lambda o, i=i: callback(f'layer_{i}_mlp_output', o))
       if hasattr(mlp, 'gate_proj'):
@@ -261,13 +283,45 @@ def reference_batches(samples: list[list[int]], batch_size: int, pad_id: int = 0
     yield ids, mask
 
 
+def remote_code_modules(model_path: str) -> list[str]:
+  """The Python modules a checkpoint's config.json `auto_map` names (remote code)."""
+  try:
+    with open(os.path.join(model_path, 'config.json'), encoding='utf-8') as f:
+      auto_map = json.load(f).get('auto_map') or {}
+  except (OSError, ValueError):
+    return []
+  refs = [v for v in auto_map.values() if isinstance(v, str)]
+  return sorted({ref.split('--')[-1].rsplit('.', 1)[0] for ref in refs})
+
+
+def has_remote_code(model_path: str) -> bool:
+  """True when the checkpoint ships the modeling code its auto_map names (Ling 2.0 does)."""
+  modules = remote_code_modules(model_path)
+  return bool(modules) and all(os.path.isfile(os.path.join(model_path, m + '.py')) for m in modules)
+
+
 def load_hf_model(model_path: str, dtype: str = 'float32', attn_implementation: str | None = 'eager'):
-  """transformers' model of a checkpoint directory on the CPU, for comparison."""
+  """transformers' model of a checkpoint directory on the CPU, for comparison.
+
+  A checkpoint that ships its own modeling code (config.json auto_map and the
+  named .py files, as Ling 2.0's do) is loaded with it (trust_remote_code), as the
+  reference pipeline does.
+  """
   import transformers  # pylint: disable=import-outside-toplevel
+
+  from maxact_jax.config import read_config_json  # pylint: disable=import-outside-toplevel
+  from maxact_jax.errors import UserError  # pylint: disable=import-outside-toplevel
 
   kwargs: dict[str, Any] = {'dtype': getattr(torch, dtype)}
   if attn_implementation:
     kwargs['attn_implementation'] = attn_implementation
+  if has_remote_code(model_path):
+    kwargs['trust_remote_code'] = True
+  else:
+    model_type = read_config_json(model_path).get('model_type')
+    if model_type not in transformers.CONFIG_MAPPING:
+      raise UserError(f'{model_path}: transformers {transformers.__version__} has no {model_type!r} model and the '
+                      'checkpoint ships no modeling code (config.json auto_map): nothing to compare against')
   try:
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
   except ValueError:

@@ -71,3 +71,28 @@ def ids_corpus(tmp_path):
   """A token-id corpus in the reference format: varied lengths, vocab 256."""
   lengths = [5, 17, 9, 33, 12, 3, 21, 8, 40, 16, 11, 27]
   return write_ids_corpus(tmp_path / 'ids.jsonl', fixtures.random_token_ids(256, lengths, seed=1))
+
+
+class MoECheckpointFactory:
+  """Tiny MoE checkpoints (maxact_jax.fixtures_moe), built once per (name, arguments);
+  'bailing_moe' gives (Ling-layout checkpoint, the glm4_moe reference model)."""
+
+  def __init__(self, root):
+    self.root = root
+    self.cache: dict[str, object] = {}
+
+  def __call__(self, model_type: str, **overrides):
+    from maxact_jax import fixtures_moe
+    key = model_type + ''.join(f'-{k}={v}' for k, v in sorted(overrides.items()))
+    if key not in self.cache:
+      out = str(self.root / key.replace('/', '_'))
+      if model_type == 'bailing_moe':
+        self.cache[key] = fixtures_moe.ling_checkpoint(out, seed=0, **overrides)
+      else:
+        self.cache[key] = fixtures_moe.moe_checkpoint(model_type, out, seed=0, **overrides)
+    return self.cache[key]
+
+
+@pytest.fixture(scope='session')
+def moe_checkpoint(tmp_path_factory) -> MoECheckpointFactory:
+  return MoECheckpointFactory(tmp_path_factory.mktemp('moe_ckpt'))

@@ -24,11 +24,15 @@ EXACT_FIELDS = ('count', 'sun_n_tokens', 'sun_n_pass', 'abs_hist_count', 'sun_t_
 
 
 def measure_and_reference(model_dir: str, data_path: str, output_dir: str, batch_size: int = 4,
-                          max_seq_len: int | None = None, hf_model=None):
-  """(activation doc, top-K doc, reference summary) for one checkpoint and corpus."""
+                          max_seq_len: int | None = None, hf_model=None, max_shapes: int | None = None):
+  """(activation doc, top-K doc, reference summary) for one checkpoint and corpus.
+
+  max_shapes: bound the batch shapes (compilations) of our side; padding is masked.
+  """
+  extra = {} if max_shapes is None else {'max_shapes': max_shapes}
   m = measure.measure(measure.MeasureOptions(
       model_path=model_dir, output_dir=output_dir, data_path=data_path, batch_size=batch_size,
-      max_seq_len=max_seq_len, dtype='float32', progress=False))
+      max_seq_len=max_seq_len, dtype='float32', progress=False, **extra))
   config = load_config(model_dir)
   corpus = data.load_corpus(data_path, vocab_size=config.vocab_size, max_seq_len=max_seq_len,
                             model_dir=model_dir)

@@ -41,12 +41,14 @@ class RMSNorm(nn.Module):
 
   Llama-style (offset 0): normalise in f32, cast back to the input dtype, then
   multiply by the weight in that dtype. Gemma-style (offset 1): multiply by
-  (1 + weight) in f32, then cast.
+  (1 + weight) in f32, then cast. `upcast_weight` (gpt-oss): multiply by the
+  weight in f32, then cast.
   """
 
   eps: float
   dtype: DType
   offset: float = 0.0
+  upcast_weight: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -57,7 +59,7 @@ class RMSNorm(nn.Module):
     # jnp.mean then lax.rsqrt, as torch: mean of squares, rsqrt(var + eps).
     var = jnp.mean(h * h, axis=-1, keepdims=True)
     h = h * jax.lax.rsqrt(var + self.eps)
-    if self.offset:
+    if self.offset or self.upcast_weight:
       return (h * (self.offset + weight.astype(jnp.float32))).astype(input_dtype)
     return weight * h.astype(input_dtype)
 
@@ -219,8 +221,8 @@ class Attention(nn.Module):
     key = dense(k * hd, 'k_proj', dtype=self.dtype, use_bias=c.qkv_bias)(x).reshape(b, t, k, hd)
     value = dense(k * hd, 'v_proj', dtype=self.dtype, use_bias=c.qkv_bias)(x).reshape(b, t, k, hd)
     if c.qk_norm:
-      q = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name='q_norm')(q)
-      key = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name='k_norm')(key)
+      q = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='q_norm')(q)
+      key = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='k_norm')(key)
     q = apply_rope(q, cos, sin)
     key = apply_rope(key, cos, sin)
 
@@ -232,16 +234,20 @@ class Attention(nn.Module):
       cap = jnp.asarray(c.attn_logit_softcap, self.dtype)
       logits = jnp.tanh(logits / cap) * cap
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    logits = logits.astype(jnp.float32)
     if c.attention_sinks:
+      # gpt-oss (transformers' eager): one learned logit per head joins every row's
+      # softmax and is dropped after it. The concatenation and the max subtraction
+      # happen in the activation dtype (no float32 upcast there, unlike the plain
+      # path); the softmax itself accumulates in float32, as torch's CPU kernel does.
       sinks = self.param('sinks', nn.initializers.zeros, (h,), self.dtype)
-      sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, k, h // k, 1, 1), logits.shape[:-1] + (1,))
+      sink = jnp.broadcast_to(sinks.astype(logits.dtype).reshape(1, k, h // k, 1, 1),
+                              logits.shape[:-1] + (1,))
       combined = jnp.concatenate([logits, sink], axis=-1)
       combined = combined - jnp.max(combined, axis=-1, keepdims=True)
-      probs = jax.nn.softmax(combined, axis=-1)[..., :-1]
+      probs = jax.nn.softmax(combined.astype(jnp.float32), axis=-1)[..., :-1]
     else:
       # Softmax in float32, then back to the activation dtype (transformers' eager).
-      probs = jax.nn.softmax(logits, axis=-1)
+      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     probs = probs.astype(self.dtype)
     out = jnp.einsum('BKGTS,BSKh->BTKGh', probs, value, precision=prec).reshape(b, t, h * hd)
     if c.attn_output_gate:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxact_jax.config import LINEAR_ATTENTION, SLIDING_ATTENTION, ModelConfig
-from maxact_jax.models import deltanet, layers, shared_expert_moe
+from maxact_jax.models import deltanet, layers, moe
 
 Array = jax.Array
 
@@ -122,10 +122,9 @@ def _dense_mlp(config: ModelConfig, dtype, ctx: 'StepContext'):
                          use_bias=config.mlp_bias, name='mlp')
 
 
-def _shared_expert_moe(config: ModelConfig, dtype, ctx: 'StepContext'):
+def _moe_mlp(config: ModelConfig, dtype, ctx: 'StepContext'):
   del ctx
-  shared_expert_moe.check_supported(config.moe)
-  return shared_expert_moe.SharedExpertMoE(config, dtype, name='mlp')
+  return moe.MoEBlock(config, dtype, name='mlp')
 
 
 # Layer kind -> factory of the block, called inside DecoderLayer's compact scope.
@@ -136,9 +135,7 @@ ATTENTION_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {
 }
 MLP_BLOCKS: dict[str, Callable[..., Callable[[Array], Array]]] = {
     'dense': _dense_mlp,
-    # Qwen3.5-MoE's block (softmax top-k, gated shared expert); to be unified with
-    # the general MoE block of issue 5 (models/moe.py).
-    'moe': _shared_expert_moe,
+    'moe': _moe_mlp,
 }
 
 
@@ -159,7 +156,8 @@ class DecoderLayer(nn.Module):
   def __call__(self, x: Array, xs: tuple[Array, Array, Array], ctx: 'StepContext'):
     window, rope_index, _ = xs
     c = self.config
-    norm = lambda name: layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name=name)
+    norm = lambda name: layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32,
+                                       name=name)
     attn_kind, mlp_kind = self.kind.split('/')
     h = norm('input_layernorm')(x)
     h = ATTENTION_BLOCKS[attn_kind](c, self.dtype, ctx, window, rope_index)(h)
@@ -251,7 +249,7 @@ class Transformer(nn.Module):
                      in_axes=(0, nn.broadcast),
                      length=seg.repeats)
       x, _ = scan(*args, name=seg.name)(x, tuple(jnp.asarray(a) for a in xs), ctx)
-    return layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, name='norm')(x)
+    return layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='norm')(x)
 
 
 class CausalLM(nn.Module):

@@ -1,0 +1,330 @@
+"""The mixture-of-experts block: router, token dispatch to the experts, shared experts.
+
+One block serves every MoE family; a family is a `MoEConfig`:
+
+- `softmax_topk` (qwen3_moe): softmax over all experts in float32, top-k,
+  optionally renormalised (norm_topk_prob);
+- `topk_softmax` (gpt-oss): top-k of the raw logits (the router has a bias),
+  softmax over those k values only;
+- `sigmoid_group_topk` (glm4_moe, bailing_moe / Ling 2.0): sigmoid scores in
+  float32; a selection-only correction bias; DeepSeek-V3 group-limited top-k
+  (each group scored by the sum of its two best biased scores, the best
+  `topk_group` of `n_group` groups kept); combine weights are the unbiased
+  scores of the chosen experts, renormalised (+1e-20) and times
+  `routed_scaling_factor`.
+
+Dispatch never computes every expert for every token: the N*K (token, expert)
+assignments are sorted by expert and each expert's rows go through its own
+weights. Two equivalent implementations, chosen per backend:
+
+- `ragged`: `jax.lax.ragged_dot` (a native grouped matmul on GPU and TPU);
+- `tiled`: on the CPU, where XLA lowers ragged_dot to a dense masked product
+  (E times the work), each expert's rows are padded to a multiple of a tile and
+  a while loop runs one (tile x D) @ (D x F) matmul per *used* tile.
+
+Both are static-shape and jittable; capacity is exactly N*K (no token is
+dropped). Shapes: B batch, T positions, N = B*T tokens, D hidden, E experts,
+K experts per token, I expert width, M = N*K assignments.
+
+Two named probe points let the capture interceptor see what it needs without
+the block knowing about statistics: `router_logits` and `moe_experts` (the
+routing, per-assignment expert outputs and the block output, which the
+statistics handler reduces on device to per-expert counts and maxima, the
+expert behind the block's maximum, and router entropy).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maxact_jax.config import ModelConfig, MoEConfig
+from maxact_jax.models import layers
+
+Array = jax.Array
+DType = Any
+
+ROUTERS = ('softmax_topk', 'topk_softmax', 'sigmoid_group_topk')
+EXPERT_ACTIVATIONS = ('silu', 'clamped_swiglu')
+DISPATCH_ENV = 'MAXACT_MOE_DISPATCH'  # 'ragged' | 'tiled' | unset (by backend)
+
+
+class Probe(nn.Module):
+  """An identity module: a named point where the capture interceptor sees a value."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Routing.
+
+
+def _top2_group_mask(choice: Array, n_group: int, topk_group: int) -> Array:
+  """Boolean [..., E]: experts inside the `topk_group` best of `n_group` groups."""
+  e = choice.shape[-1]
+  grouped = choice.reshape(choice.shape[:-1] + (n_group, e // n_group))
+  group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [..., G]
+  _, keep = jax.lax.top_k(group_scores, topk_group)
+  group_mask = jax.nn.one_hot(keep, n_group, dtype=jnp.bool_).any(-2)  # [..., G]
+  return jnp.repeat(group_mask, e // n_group, axis=-1)
+
+
+def route(m: MoEConfig, logits: Array, correction: Array | None) -> tuple[Array, Array, Array]:
+  """(weights [..., K], expert index [..., K] int32, probabilities [..., E] f32).
+
+  The probabilities are the router's distribution over all experts, for the
+  entropy statistic: softmax of the logits (softmax routers, gpt-oss included:
+  its combine weights only softmax the top k), normalised sigmoid scores for
+  sigmoid routers.
+  """
+  k = m.num_experts_per_tok
+  if m.router == 'softmax_topk':
+    # qwen3_moe: softmax in float32, top-k, renormalise, then back to the logits' dtype.
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top, index = jax.lax.top_k(probs, k)
+    if m.norm_topk_prob:
+      top = top / top.sum(-1, keepdims=True)
+    return top.astype(logits.dtype), index, probs
+  if m.router == 'topk_softmax':
+    # gpt-oss: top-k of the logits, softmax over those k in the logits' dtype (torch
+    # accumulates a bf16 softmax in float32 on CPU: so do we, then cast).
+    top, index = jax.lax.top_k(logits, k)
+    weights = jax.nn.softmax(top.astype(jnp.float32), axis=-1).astype(logits.dtype)
+    return weights, index, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  if m.router == 'sigmoid_group_topk':
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    choice = scores if correction is None else scores + correction.astype(jnp.float32)
+    if m.n_group > 1 and m.topk_group < m.n_group:
+      # Both glm4_moe (transformers 5) and Ling's remote code fill the other groups with -inf.
+      choice = jnp.where(_top2_group_mask(choice, m.n_group, m.topk_group), choice, -jnp.inf)
+    _, index = jax.lax.top_k(choice, k)
+    weights = jnp.take_along_axis(scores, index, axis=-1)
+    if m.norm_topk_prob:
+      weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    weights = weights * m.routed_scaling_factor  # stays float32, as in both references
+    return weights, index, scores / scores.sum(-1, keepdims=True)
+  raise ValueError(f'unknown router {m.router!r}')
+
+
+class Router(nn.Module):
+  """The router module (HF `mlp.gate` / `mlp.router`): returns (logits, weights, index, probs).
+
+  Its first output, the raw logits [B, T, E], is the `moe_gate` tap: what the HF
+  router module returns first in transformers 5 (qwen3_moe, gpt-oss, glm4_moe).
+  """
+
+  moe: MoEConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, x: Array):
+    m = self.moe
+    pdtype = jnp.float32 if m.router_fp32_params else self.dtype
+    kernel = self.param('kernel', nn.initializers.normal(0.02), (x.shape[-1], m.num_experts), pdtype)
+    if m.router_fp32:
+      # glm4_moe / Ling: F.linear(x.float(), weight.float()).
+      logits = jnp.einsum('BTD,DE->BTE', x.astype(jnp.float32), kernel.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+    else:
+      # F.linear in the model dtype: float32 accumulation, the bias added before the
+      # one rounding to the model dtype (torch's addmm), so that near-tied experts
+      # are ranked on the same values.
+      logits = jnp.einsum('BTD,DE->BTE', x, kernel.astype(self.dtype), precision=layers.precision_for(self.dtype),
+                          preferred_element_type=jnp.float32)
+      if m.router_bias:
+        logits = logits + self.param('bias', nn.initializers.zeros, (m.num_experts,), pdtype).astype(jnp.float32)
+      logits = logits.astype(self.dtype)
+    if m.router_fp32 and m.router_bias:
+      logits = logits + self.param('bias', nn.initializers.zeros, (m.num_experts,), pdtype).astype(logits.dtype)
+    correction = None
+    if m.score_correction_bias:
+      correction = self.param('e_score_correction_bias', nn.initializers.zeros, (m.num_experts,), pdtype)
+    weights, index, probs = route(m, logits, correction)
+    return logits, weights, index, probs
+
+
+# ---------------------------------------------------------------------------
+# Dispatch.
+
+
+def expert_activation(m: MoEConfig) -> Callable[[Array, Array], Array]:
+  """(gate, up) -> the expert's hidden activation."""
+  if m.swiglu_limit is not None:
+    limit, alpha = m.swiglu_limit, m.swiglu_alpha
+
+    def clamped(gate, up):
+      # gpt-oss: gate clamped above, up on both sides, gate * sigmoid(alpha * gate) * (up + 1).
+      gate = jnp.minimum(gate, jnp.asarray(limit, gate.dtype))
+      up = jnp.clip(up, jnp.asarray(-limit, up.dtype), jnp.asarray(limit, up.dtype))
+      return (up + 1) * (gate * jax.nn.sigmoid(gate * jnp.asarray(alpha, gate.dtype)))
+
+    return clamped
+  return lambda gate, up: jax.nn.silu(gate) * up
+
+
+def dispatch_impl() -> str:
+  """'ragged' on GPU/TPU (native grouped matmul), 'tiled' on the CPU; $MAXACT_MOE_DISPATCH overrides."""
+  forced = os.environ.get(DISPATCH_ENV)
+  if forced:
+    if forced not in ('ragged', 'tiled'):
+      raise ValueError(f'{DISPATCH_ENV}={forced!r}: expected ragged or tiled')
+    return forced
+  return 'tiled' if jax.default_backend() == 'cpu' else 'ragged'
+
+
+def tile_rows(assignments: int, num_experts: int) -> int:
+  """Rows per tile: about half an expert's average load, a power of two in [8, 128].
+
+  Padding wastes at most one partial tile per expert, so smaller tiles waste
+  less; larger tiles run the CPU's matmul closer to its peak. Measured on a
+  2-core CPU (bench/moe_dispatch.py, D 1024, I 512, 64 experts, top-4): 64 rows
+  best at 2048 tokens, 128 at 8192; 256 was slower at both.
+  """
+  avg = max(assignments / max(num_experts, 1) / 2, 1.0)
+  return int(min(128, max(8, 2 ** int(math.floor(math.log2(avg))))))
+
+
+def sort_assignments(index: Array, num_experts: int) -> tuple[Array, Array, Array]:
+  """Sort the N*K assignments by expert (stable: token order within an expert).
+
+  Returns (order [M]: assignment of each sorted row, expert of each sorted row [M],
+  group sizes [E] int32).
+  """
+  flat = index.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+  return order, flat[order], sizes
+
+
+def _ffn(x, w_gate_up, b_gate_up, w_down, b_down, act, prec):
+  """One expert's FFN on rows x [m, D]: act(x W_gu + b) W_d + b."""
+  h = jnp.matmul(x, w_gate_up, precision=prec)
+  if b_gate_up is not None:
+    h = h + b_gate_up
+  gate, up = jnp.split(h, 2, axis=-1)
+  y = jnp.matmul(act(gate, up), w_down, precision=prec)
+  return y + b_down if b_down is not None else y
+
+
+def grouped_ffn_ragged(x, experts, sizes, params, act, prec, restore=None):
+  """All experts' FFNs on expert-sorted rows x [M, D] with `jax.lax.ragged_dot`.
+
+  Returns the output rows in sorted order, or permuted by `restore` ([M] indices
+  into the sorted rows) when given.
+  """
+  w_gu, b_gu, w_d, b_d = params
+  h = jax.lax.ragged_dot(x, w_gu, sizes, precision=prec)
+  if b_gu is not None:
+    h = h + b_gu[experts]
+  gate, up = jnp.split(h, 2, axis=-1)
+  y = jax.lax.ragged_dot(act(gate, up), w_d, sizes, precision=prec)
+  y = y + b_d[experts] if b_d is not None else y
+  return y if restore is None else y[restore]
+
+
+def grouped_ffn_tiled(x, experts, sizes, params, act, prec, restore=None, tile: int | None = None):
+  """All experts' FFNs on expert-sorted rows x [M, D], one tile of rows at a time.
+
+  Each expert's rows are padded to a multiple of `tile`; tile t belongs to one
+  expert, and only the tiles in use run (a while loop with a traced trip count).
+  Returns the output rows in sorted order, or permuted by `restore` (one gather
+  from the padded layout instead of two).
+  """
+  w_gu, b_gu, w_d, b_d = params
+  m, d = x.shape
+  e = sizes.shape[0]
+  tile = tile or tile_rows(m, e)
+  padded = (sizes + tile - 1) // tile * tile
+  padded_end = jnp.cumsum(padded)
+  start = jnp.cumsum(sizes) - sizes
+  rows = padded_end[experts] - padded[experts] + jnp.arange(m) - start[experts]  # padded row of each row
+  num_tiles = -(-m // tile) + e  # sum_e ceil(g_e / tile) never exceeds this
+  xp = jnp.zeros((num_tiles * tile, d), x.dtype).at[rows].set(x)
+  tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side='right'), e - 1)
+
+  def body(t, out):
+    xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
+    j = tile_expert[t]
+    y = _ffn(xt, w_gu[j], None if b_gu is None else b_gu[j], w_d[j], None if b_d is None else b_d[j], act, prec)
+    return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile, 0)
+
+  used = padded_end[-1] // tile
+  out = jax.lax.fori_loop(0, used, body, jnp.zeros((num_tiles * tile, w_d.shape[-1]), x.dtype))
+  return out[rows if restore is None else rows[restore]]
+
+
+class Experts(nn.Module):
+  """The routed experts (HF `mlp.experts`), stacked: gate_up_proj [E, D, 2I] holds
+  [gate | up] halves, down_proj [E, I, D]; gpt-oss adds biases."""
+
+  moe: MoEConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, x: Array, index: Array, weights: Array) -> tuple[Array, Array]:
+    """x [N, D], index [N, K], weights [N, K] -> (combined [N, D], per-assignment outputs [N, K, D])."""
+    m = self.moe
+    n, d = x.shape
+    e, k, i = m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size
+    init = nn.initializers.normal(0.02)
+    w_gu = self.param('gate_up_proj', init, (e, d, 2 * i), self.dtype)
+    w_d = self.param('down_proj', init, (e, i, d), self.dtype)
+    b_gu = b_d = None
+    if m.expert_bias:
+      b_gu = self.param('gate_up_proj_bias', nn.initializers.zeros, (e, 2 * i), self.dtype)
+      b_d = self.param('down_proj_bias', nn.initializers.zeros, (e, d), self.dtype)
+    order, experts, sizes = sort_assignments(index, e)
+    rows = x[order // k]  # [M, D]
+    params = (w_gu, b_gu, w_d, b_d)
+    prec = layers.precision_for(self.dtype)
+    grouped = grouped_ffn_ragged if dispatch_impl() == 'ragged' else grouped_ffn_tiled
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y = grouped(rows, experts, sizes, params, expert_activation(m), prec, restore=inverse).reshape(n, k, d)
+    # Combine in float32 and cast once (Ling's moe_infer does this; transformers'
+    # qwen3_moe/glm4_moe/gpt-oss accumulate with index_add_ in the model dtype: equal
+    # in float32, within a bf16 rounding per add otherwise).
+    combined = jnp.einsum('NKD,NK->ND', y.astype(jnp.float32), weights.astype(jnp.float32),
+                          precision=jax.lax.Precision.HIGHEST)
+    return combined.astype(self.dtype), y
+
+
+class MoEBlock(nn.Module):
+  """The MoE MLP (HF `mlp`): routed experts plus an optional shared expert."""
+
+  config: ModelConfig
+  dtype: DType
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    c, m = self.config, self.config.moe
+    b, t, d = x.shape
+    k = m.num_experts_per_tok
+    logits, weights, index, probs = Router(m, self.dtype, name=m.router_name)(x)
+    Probe(name='router_logits')(logits if m.router_logits_tap == 'logits' else weights)
+    routed, per_assignment = Experts(m, self.dtype, name='experts')(
+        x.reshape(-1, d), index.reshape(-1, k), weights.reshape(-1, k))
+    out = routed.reshape(b, t, d)
+    probe = {'index': index.astype(jnp.int32), 'weight': weights.astype(jnp.float32), 'probs': probs,
+             'expert_out': per_assignment.reshape(b, t, k, d)}
+    if m.shared_expert_intermediate_size:
+      if m.shared_expert_gate:
+        # Qwen-MoE style: sigmoid(shared_expert_gate(x)) * shared_expert(x).
+        shared = layers.GatedMLP(d, m.shared_expert_intermediate_size, c.hidden_act, self.dtype,
+                                 name='shared_expert')(x)
+        shared = jax.nn.sigmoid(layers.dense(1, 'shared_expert_gate', dtype=self.dtype)(x)) * shared
+      else:
+        # glm4_moe / Ling: an ungated shared expert of width moe_intermediate_size * n_shared.
+        shared = layers.GatedMLP(d, m.shared_expert_intermediate_size, c.hidden_act, self.dtype,
+                                 name='shared_experts')(x)
+      out = out + shared
+      probe['shared'] = shared
+    probe['output'] = out
+    Probe(name='moe_experts')(probe)
+    return out
