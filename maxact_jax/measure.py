@@ -2,7 +2,8 @@
 
 `make_stats_step` builds the step: the model runs under the capture
 interceptor with `reduce_handler`, so each tap leaves the device as a few
-small arrays. `run` drives batches through it, overlapping the host merge of
+small arrays (`maxact_jax.parallel` builds it for the pmap and mesh layouts,
+`measure --parallelism`). `run` drives batches through it, overlapping the host merge of
 batch i with the device work of batch i + 1 (JAX dispatches asynchronously),
 and `measure` is the whole job behind `maxact-jax measure`.
 """
@@ -14,12 +15,11 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import capture, data, results, stats
+from maxact_jax import capture, data, parallel, results, stats
 from maxact_jax.config import ModelConfig, load_config, read_config_json
 from maxact_jax.errors import UserError
 from maxact_jax.models import transformer
@@ -28,15 +28,9 @@ DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float
 
 
 def make_stats_step(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K) -> Callable:
-  """jit(params, input_ids [B,T], valid [B,T]) -> the sown `taps` tree of partials."""
-  model = transformer.build(config, dtype)
-
-  def step(params, input_ids, valid):
-    with nn.intercept_methods(capture.interceptor(capture.reduce_handler(valid, top_k))):
-      _, sown = model.apply({'params': params}, input_ids, valid, mutable=[capture.COLLECTION])
-    return sown[capture.COLLECTION]
-
-  return jax.jit(step)
+  """jit(params, input_ids [B,T], valid [B,T]) -> the sown `taps` tree of partials (one device;
+  `parallel.make_step` builds it for every layout)."""
+  return jax.jit(parallel.stats_body(config, dtype, top_k))
 
 
 def make_forward(config: ModelConfig, dtype: Any) -> Callable:
@@ -99,6 +93,13 @@ class MeasureOptions:
   dtype: str = 'bfloat16'
   max_shapes: int = 8
   progress: bool = True
+  # Scale-out (maxact_jax.parallel): layout, and the multi-host runtime.
+  parallelism: str = parallel.AUTO
+  mesh_shape: str | None = None
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  initialization_timeout: int = 300
 
 
 @dataclasses.dataclass
@@ -113,11 +114,13 @@ class Measurement:
   timings: dict[str, float]
 
 
-def load_params(model_path: str, config: ModelConfig, dtype_name: str) -> Any:
-  """Parameters of a checkpoint directory, in the named dtype."""
+def load_params(model_path: str, config: ModelConfig, dtype_name: str, step: parallel.Step | None = None) -> Any:
+  """Parameters of a checkpoint directory, in the named dtype (placed for `step`'s layout)."""
   import converters  # pylint: disable=import-outside-toplevel
 
-  return converters.load_params(model_path, config, DTYPES[dtype_name])
+  if step is None:
+    return converters.load_params(model_path, config, DTYPES[dtype_name])
+  return converters.load_params(model_path, config, DTYPES[dtype_name], place=step.place, sharding=step.sharding)
 
 
 def load_measure_corpus(opts: MeasureOptions, config: ModelConfig) -> data.Corpus:
@@ -180,7 +183,12 @@ def measure(opts: MeasureOptions) -> Measurement:
     raise UserError(f'--dtype={opts.dtype} is not supported (choose from {", ".join(DTYPES)})')
   if opts.batch_size < 1:
     raise UserError(f'--batch_size must be a positive integer, got {opts.batch_size}')
-  results.ensure_output_dir(opts.output_dir)
+  # Before JAX touches a device: the multi-host runtime, if asked for.
+  parallel.initialize_distributed(opts.coordinator_address, opts.num_processes, opts.process_id,
+                                  opts.initialization_timeout)
+  writer = parallel.is_writer()
+  if writer:
+    results.ensure_output_dir(opts.output_dir)
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   config = load_config(opts.model_path)
@@ -189,14 +197,22 @@ def measure(opts: MeasureOptions) -> Measurement:
   corpus = load_measure_corpus(opts, config)
   plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes)
   timings['data_s'] = time.perf_counter() - t0
+  from maxact_jax import plan as planner  # pylint: disable=import-outside-toplevel
+  layout = planner.resolve_layout(opts.parallelism, opts.mesh_shape, config, DTYPES[opts.dtype], opts.batch_size,
+                                  int(max(plan.lengths)))
+  if opts.batch_size % layout.data_parallel:
+    raise UserError(f'--batch_size={opts.batch_size} is not a multiple of the {layout.data_parallel} '
+                    f'data-parallel devices of {layout.describe()}')
+  if opts.progress and writer:
+    print(f'parallelism: {layout.describe()}: {layout.reason}', file=sys.stderr)
+  step = parallel.make_step(config, DTYPES[opts.dtype], layout)
   t0 = time.perf_counter()
-  params = load_params(opts.model_path, config, opts.dtype)
+  params = load_params(opts.model_path, config, opts.dtype, step)
   timings['load_s'] = time.perf_counter() - t0
 
   pad_id = config.pad_token_id or 0
-  step = make_stats_step(config, DTYPES[opts.dtype])
   acc = Accumulator(config)
-  bar = _progress(corpus.num_tokens, results.model_name_of(opts.model_path)) if opts.progress else None
+  bar = _progress(corpus.num_tokens, results.model_name_of(opts.model_path)) if opts.progress and writer else None
   t0 = time.perf_counter()
   run(step, params, data.iter_batches(corpus, plan, pad_id), acc,
       on_batch=(lambda b: bar.update(b.num_tokens)) if bar else None)
@@ -216,12 +232,19 @@ def measure(opts: MeasureOptions) -> Measurement:
       'truncated_samples': corpus.truncated,
       'truncated_tokens': corpus.tokens_dropped,
       'devices': [str(d) for d in jax.devices()],
+      'parallelism': layout.kind,
+      'layout': layout.describe(),
+      'layout_reason': layout.reason,
+      'mesh_shape': layout.mesh_shape,
+      'num_processes': jax.process_count(),
       'jax_version': jax.__version__,
       **{k: round(v, 3) for k, v in timings.items()},
   }
   doc, top_doc = results.build_documents(header=header(opts, config, corpus), taps=acc.taps,
                                          describe=describer(corpus, tokenizer), run_info=run_info)
-  paths = results.write_documents(opts.output_dir, results.model_name_of(opts.model_path), doc, top_doc)
+  paths = ('', '')
+  if writer:  # every process holds the same merged statistics; one writes them
+    paths = results.write_documents(opts.output_dir, results.model_name_of(opts.model_path), doc, top_doc)
   return Measurement(config, acc, corpus, plan, doc, top_doc, paths, timings)
 
 
@@ -263,6 +286,8 @@ def summary_lines(m: Measurement) -> list[str]:
     where = f' — sample {detail.get("sample")}, position {detail.get("position")}, channel {detail.get("channel")}'
     if 'token' in detail:
       where += f', token {detail["token"]!r} (id {detail.get("token_id")})'
+  if run_info.get('layout'):
+    lines.append(f'parallelism {run_info["layout"]}')
   lines.append(f'global max activation {doc["global_max_activation"]:.6g} at {doc["global_max_location"]}{where}')
   if doc.get('nonfinite'):
     bad = ', '.join(f'{k} (nan {v["nan"]}, +inf {v["posinf"]}, -inf {v["neginf"]})'

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from maxact_jax import fixtures, measure
+from maxact_jax import fixtures, measure, parallel
 from maxact_jax.commands import common
+from maxact_jax.errors import UserError
 
 FLAGS = flags.FlagValues()
 common.define_model_flags(FLAGS)
@@ -14,6 +15,23 @@ flags.DEFINE_string('output_dir', 'runs/measure', 'Results go to <output_dir>/js
 flags.DEFINE_boolean('progress', True, 'Show a progress bar with tokens/s.', flag_values=FLAGS)
 flags.DEFINE_boolean('crosscheck', False, 'First check every tap against transformers on a sample batch.',
                      flag_values=FLAGS)
+flags.DEFINE_integer('max_shapes', 8, 'At most this many distinct padded batch lengths (one compilation '
+                     'each).', flag_values=FLAGS)
+flags.DEFINE_enum('parallelism', parallel.AUTO, parallel.PARALLELISMS,
+                  'none: one device. pmap: parameters replicated, the batch split over every device, statistics '
+                  'combined with collectives in the step. mesh: parameters sharded (--mesh_shape), the batch on '
+                  'the data and fsdp axes. auto: none on one device, else pmap when the model fits one device, '
+                  'mesh otherwise (it says which and why).', flag_values=FLAGS)
+flags.DEFINE_string('mesh_shape', None, 'Mesh axis sizes for --parallelism=mesh, e.g. data=2,fsdp=4,tensor=1 '
+                    '(or 2,4,1); must multiply to the number of devices, one may be -1. Default: fsdp over all.',
+                    flag_values=FLAGS)
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (jax.distributed).',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.', flag_values=FLAGS)
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1; process 0 writes.',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('initialization_timeout', 300, 'Multi-host: seconds to wait for the coordinator and '
+                     'the other processes.', flag_values=FLAGS)
 
 
 def run() -> int:
@@ -21,8 +39,11 @@ def run() -> int:
   common.check_positive('batch_size', FLAGS.batch_size, allow_none=False)
   common.check_positive('max_samples', FLAGS.max_samples)
   common.check_positive('max_seq_len', FLAGS.max_seq_len)
+  common.check_positive('max_shapes', FLAGS.max_shapes, allow_none=False)
   model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
   if FLAGS.crosscheck:
+    if (FLAGS.num_processes or 1) > 1:
+      raise UserError('--crosscheck runs in one process: run `maxact-jax crosscheck` before a multi-host measure')
     from maxact_jax import crosscheck  # pylint: disable=import-outside-toplevel
     report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
         model_path=model_path, data_path=FLAGS.data_path, dtype=FLAGS.dtype,
@@ -34,8 +55,12 @@ def run() -> int:
   opts = measure.MeasureOptions(
       model_path=model_path, output_dir=FLAGS.output_dir, data_path=FLAGS.data_path,
       max_samples=FLAGS.max_samples, max_seq_len=FLAGS.max_seq_len, batch_size=FLAGS.batch_size,
-      dtype=FLAGS.dtype, progress=FLAGS.progress)
+      dtype=FLAGS.dtype, progress=FLAGS.progress, max_shapes=FLAGS.max_shapes, parallelism=FLAGS.parallelism,
+      mesh_shape=FLAGS.mesh_shape, coordinator_address=FLAGS.coordinator_address, num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id, initialization_timeout=FLAGS.initialization_timeout)
   m = measure.measure(opts)
+  if not m.paths[0]:
+    return 0  # another process writes the results
   print(measure.layer_table(m.doc))
   for line in measure.summary_lines(m):
     print(line)
