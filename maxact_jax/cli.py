@@ -17,6 +17,7 @@ COMMANDS = {
     'measure': ('maxact_jax.commands.measure', 'measure every tap of a checkpoint on a corpus'),
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
     'report': ('maxact_jax.commands.report', 'cross-model report with plots from results files'),
+    'convert': ('maxact_jax.commands.convert', 'convert a checkpoint once to an orbax model directory'),
 }
 EXIT_USAGE = 2
 
