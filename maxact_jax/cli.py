@@ -18,6 +18,7 @@ COMMANDS = {
     'crosscheck': ('maxact_jax.commands.crosscheck', 'compare every tap against transformers (PyTorch)'),
     'report': ('maxact_jax.commands.report', 'cross-model report with plots from results files'),
     'convert': ('maxact_jax.commands.convert', 'convert a checkpoint once to an orbax model directory'),
+    'plan': ('maxact_jax.commands.plan', 'size a run from config.json: parameters, taps, memory, layout'),
 }
 EXIT_USAGE = 2
 
