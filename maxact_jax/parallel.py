@@ -193,22 +193,37 @@ def stats_body(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K) -> Cal
   return body
 
 
+# Tap suffix -> (partial, axis_name, top_k) -> combined partial, for taps whose
+# partial is not `stats.tap_partial`'s (a structured tap, e.g. an MoE block's
+# routing statistics, registers its rule here). The rest use stats.combine_across.
+COMBINERS: dict[str, Callable[[dict, str, int], dict]] = {}
+
+
 def combine_tree(config: ModelConfig, sown: Any, axis_name: str, top_k: int = stats.TOP_K) -> Any:
-  """`stats.combine_across` on every tap of a sown tree.
+  """Every tap of a sown tree combined across `axis_name` (the pmap layout).
 
   Taps sown inside a scanned segment carry a leading layer axis: the combine
   is vmapped over it, so each segment's taps cross devices in one collective
   per field rather than one per layer.
   """
   segments = {s.name for s in transformer.plan_segments(config)}
-  combine = lambda p: stats.combine_across(p, axis_name, top_k)
 
-  def walk(tree, stacked: bool):
+  def combine(suffix: str, partial: dict) -> dict:
+    rule = COMBINERS.get(suffix)
+    if rule is not None:
+      return rule(partial, axis_name, top_k)
+    if not isinstance(partial, Mapping) or not {'count', 'max', 'max_at'} <= set(partial):
+      raise ValueError(f'the pmap layout has no rule to combine tap {suffix!r} across devices: register '
+                       'one in parallel.COMBINERS (the mesh layout needs none)')
+    return stats.combine_across(partial, axis_name, top_k)
+
+  def walk(tree, stacked: bool, key: str):
     if isinstance(tree, tuple):  # a sown leaf: (partial,)
-      return tuple(jax.vmap(combine)(v) if stacked else combine(v) for v in tree)
-    return {k: walk(v, stacked or k in segments) for k, v in tree.items()}
+      fn = functools.partial(combine, key)
+      return tuple(jax.vmap(fn)(v) if stacked else fn(v) for v in tree)
+    return {k: walk(v, stacked or k in segments, k) for k, v in tree.items()}
 
-  return walk(sown, False)
+  return walk(sown, False, '')
 
 
 class Step:
