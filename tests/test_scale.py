@@ -229,6 +229,23 @@ def test_orbax_dir_of_another_model_is_refused(two_orbax_dirs, ids_corpus, tmp_p
   converters.check_checkpoint(inert, load_config(inert))
 
 
+def test_crosscheck_of_an_orbax_dir_runs_transformers_on_its_source(two_orbax_dirs, ids_corpus, tmp_path):
+  from maxact_jax import crosscheck
+  report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
+      model_path=two_orbax_dirs['llama'], data_path=ids_corpus, num_samples=4, max_seq_len=24,
+      output_dir=str(tmp_path)))
+  assert report['passed'] and max(r['rel_err'] for r in report['taps'].values()) < 1e-5
+  moved = str(tmp_path / 'moved')
+  shutil.copytree(two_orbax_dirs['llama'], moved)
+  meta_path = os.path.join(moved, orbax_io.METADATA_FILE)
+  meta = json.loads(open(meta_path).read())
+  meta['source']['path'] = str(tmp_path / 'gone')
+  with open(meta_path, 'w') as f:
+    json.dump(meta, f)
+  with pytest.raises(UserError, match='transformers needs its source checkpoint, recorded as .*gone, which is not'):
+    crosscheck.crosscheck(crosscheck.CrosscheckOptions(model_path=moved, data_path=ids_corpus))
+
+
 def test_streaming_conversion_peak_memory_is_about_one_tensor(tmp_path):
   """bench/convert_memory.py on a small checkpoint: beyond the largest tensor, a few chunks."""
   proc = subprocess.run([sys.executable, os.path.join(REPO, 'bench', 'convert_memory.py'), '--size_gb=0.3',
