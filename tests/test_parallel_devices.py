@@ -134,13 +134,18 @@ def test_auto_picks_pmap_when_the_model_fits_one_device(checkpoint):
   assert 'do not fit one device' in small.reason
 
 
-def test_orbax_round_trip_restores_into_each_layout(runner, baseline, checkpoint, tmp_path_factory):
+@pytest.fixture(scope='module')
+def orbax_dir(checkpoint, tmp_path_factory) -> str:
   import converters
   out = str(tmp_path_factory.mktemp('orbax') / 'qwen3')
   converters.convert(checkpoint('qwen3'), out, jnp.float32)
+  return out
+
+
+def test_orbax_round_trip_restores_into_each_layout(runner, baseline, orbax_dir):
   for name, parallelism, batch, shape in [('orbax-none', 'none', 2, None), ('orbax-pmap', 'pmap', 16, None),
                                           ('orbax-mesh', 'mesh', 16, 'data=2,fsdp=4')]:
-    m = runner(name, parallelism, batch, shape, model_path=out)
+    m = runner(name, parallelism, batch, shape, model_path=orbax_dir)
     assert_same_statistics(baseline.doc, baseline.top_doc, m.doc, m.top_doc)
 
 
@@ -173,21 +178,35 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_write_the_single_device_statistics(baseline, checkpoint, corpus, tmp_path):
+def run_two_processes(model_path: str, corpus: str, out, *flags: str) -> tuple[dict, dict]:
+  """`maxact-jax measure` as two processes on 127.0.0.1 with 2 devices each; (doc, top doc)."""
   port = free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', PYTHONPATH=REPO)
   procs = [subprocess.Popen(
-      [sys.executable, '-m', 'maxact_jax.cli', 'measure', f'--model_path={checkpoint("qwen3")}',
-       f'--data_path={corpus}', f'--output_dir={tmp_path}', '--dtype=float32', '--batch_size=8', '--max_shapes=1',
-       '--parallelism=pmap', '--progress=false', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-       f'--process_id={i}', '--initialization_timeout=120'],
+      [sys.executable, '-m', 'maxact_jax.cli', 'measure', f'--model_path={model_path}', f'--data_path={corpus}',
+       f'--output_dir={out}', '--dtype=float32', '--batch_size=8', '--max_shapes=1', '--progress=false',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
+       '--initialization_timeout=120', *flags],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  for p, text in zip(procs, outs):
+    assert p.returncode == 0, text[-3000:]
   assert 'results:' in outs[0] and 'results:' not in outs[1]  # process 0 writes, once
-  assert sorted(os.listdir(tmp_path / 'json')) == ['qwen3_activation_stats.json', 'qwen3_top5_stats.json']
-  doc = json.loads((tmp_path / 'json' / 'qwen3_activation_stats.json').read_text())
-  top = json.loads((tmp_path / 'json' / 'qwen3_top5_stats.json').read_text())
+  name = os.path.basename(model_path)
+  assert sorted(os.listdir(out / 'json')) == [f'{name}_activation_stats.json', f'{name}_top5_stats.json']
+  return (json.loads((out / 'json' / f'{name}_activation_stats.json').read_text()),
+          json.loads((out / 'json' / f'{name}_top5_stats.json').read_text()))
+
+
+def test_two_processes_pmap_write_the_single_device_statistics(baseline, checkpoint, corpus, tmp_path):
+  # Collectives cross the processes; each feeds the rows of its own devices.
+  doc, top = run_two_processes(checkpoint('qwen3'), corpus, tmp_path, '--parallelism=pmap')
   assert doc['run']['num_processes'] == 2 and doc['run']['mesh_shape'] == {'data': 4}
+  assert_same_statistics(baseline.doc, baseline.top_doc, doc, top)
+
+
+def test_two_processes_restore_orbax_into_a_global_mesh(baseline, orbax_dir, corpus, tmp_path):
+  # Each process restores only its shards of the fsdp-sharded weights.
+  doc, top = run_two_processes(orbax_dir, corpus, tmp_path, '--parallelism=mesh', '--mesh_shape=data=2,fsdp=2')
+  assert doc['run']['num_processes'] == 2 and doc['run']['mesh_shape'] == {'data': 2, 'fsdp': 2, 'tensor': 1}
   assert_same_statistics(baseline.doc, baseline.top_doc, doc, top)
