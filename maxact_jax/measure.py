@@ -287,7 +287,7 @@ def summary_lines(m: Measurement) -> list[str]:
     if 'token' in detail:
       where += f', token {detail["token"]!r} (id {detail.get("token_id")})'
   if run_info.get('layout'):
-    lines.append(f'parallelism {run_info["layout"]}')
+    lines.append(f'parallelism {run_info["layout"]}: {run_info.get("layout_reason", "")}')
   lines.append(f'global max activation {doc["global_max_activation"]:.6g} at {doc["global_max_location"]}{where}')
   if doc.get('nonfinite'):
     bad = ', '.join(f'{k} (nan {v["nan"]}, +inf {v["posinf"]}, -inf {v["neginf"]})'
