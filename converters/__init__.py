@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 
-from converters import dense, gemma, moe, qwen35, qwen_vl
+from converters import dense, gemma, moe, orbax_io, qwen35, qwen_vl
 from converters.safetensors_io import Checkpoint
 from converters.weight_map import WeightMap, check_coverage, load, plan, resolve_layout
 from maxact_jax.config import ModelConfig
@@ -32,16 +32,34 @@ def weight_map(config: ModelConfig) -> WeightMap:
 
 
 def check_checkpoint(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32) -> None:
-  """Read only the headers: every tensor is readable and the map covers them exactly."""
+  """Read only the headers: every tensor is readable and the map covers them exactly
+  (an orbax directory: its parameters were converted for this config)."""
+  if orbax_io.is_orbax_dir(model_dir):
+    orbax_io.check(model_dir, config)
+    return
   keys = Checkpoint(model_dir).keys()
   config, wmap = resolve_layout(config, weight_map(config), keys, model_dir)
   check_coverage(plan(config, wmap, dtype, keys), keys, wmap, config, model_dir)
 
 
 def load_params(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32,
-                place: Callable | None = None) -> dict:
-  """Flax parameters of the checkpoint in `model_dir`, in `dtype`."""
+                place: Callable | None = None, sharding: Callable | None = None) -> dict:
+  """Flax parameters of the checkpoint in `model_dir` (safetensors or converted orbax), in `dtype`.
+
+  place(path, host array) -> device array puts each streamed safetensors
+  parameter; sharding(path, shape) -> Sharding is the restore target of each
+  orbax parameter. Without them, parameters go to the default device.
+  """
+  if orbax_io.is_orbax_dir(model_dir):
+    return orbax_io.restore(model_dir, config, dtype, sharding)
   return load(model_dir, config, weight_map(config), dtype, place)
 
 
-__all__ = ['MAPS', 'WeightMap', 'check_checkpoint', 'load_params', 'plan', 'weight_map']
+def convert(model_dir: str, out_dir: str, dtype: Any = jnp.bfloat16, log: Callable | None = None) -> dict:
+  """Convert a safetensors checkpoint once to an orbax model directory (see orbax_io)."""
+  from maxact_jax.config import load_config  # pylint: disable=import-outside-toplevel
+
+  return orbax_io.convert(model_dir, out_dir, dtype, weight_map(load_config(model_dir)), log)
+
+
+__all__ = ['MAPS', 'WeightMap', 'check_checkpoint', 'convert', 'load_params', 'plan', 'weight_map']

@@ -8,9 +8,12 @@ come through ml_dtypes, as JAX itself uses them.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import struct
+from typing import Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -112,30 +115,82 @@ class Checkpoint:
     return self.tensors[key].shape
 
   def read(self, key: str) -> np.ndarray:
-    """A read-only view of one tensor (no copy until it is transformed)."""
+    """A read-only view of one tensor (no copy until it is transformed).
+
+    The view maps the file: the pages it touches stay resident while the
+    mapping lives, so reading every tensor this way grows the process's RSS to
+    the checkpoint size (page cache, reclaimable, but counted). `read_copy`
+    does not.
+    """
     info = self.tensors[key]
     mm = self._maps.get(info.file)
     if mm is None:
       mm = self._maps[info.file] = np.memmap(info.file, dtype=np.uint8, mode='r')
     return mm[info.start:info.end].view(info.dtype).reshape(info.shape)
 
+  def read_copy(self, key: str) -> np.ndarray:
+    """One tensor read into a fresh buffer with plain file reads (no mapping):
+    memory is this tensor's bytes and is freed with the array (streaming convert)."""
+    info = self.tensors[key]
+    buf = np.empty(info.end - info.start, np.uint8)
+    with open(info.file, 'rb') as f:
+      f.seek(info.start)
+      if f.readinto(memoryview(buf)) != buf.size:
+        raise UserError(f'{info.file} is truncated: tensor {key!r} could not be read')
+    return buf.view(info.dtype).reshape(info.shape)
+
+  def header_digests(self) -> list[dict]:
+    """Identity of every file: name, size and the sha256 of its header (names, dtypes,
+    shapes and byte ranges of all tensors), cheap to compute on any checkpoint size."""
+    out = []
+    for path in sorted({info.file for info in self.tensors.values()}):
+      with open(path, 'rb') as f:
+        (n,) = struct.unpack('<Q', f.read(8))
+        digest = hashlib.sha256(f.read(n)).hexdigest()
+      out.append({'name': os.path.basename(path), 'bytes': os.path.getsize(path), 'header_sha256': digest})
+    return out
+
   def close(self) -> None:
     self._maps.clear()
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-  """Write numpy arrays as a safetensors file (tests, synthetic checkpoints)."""
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+  """A tensor made only when it is written: `make()` -> array of `shape` and `dtype`."""
+
+  shape: tuple[int, ...]
+  dtype: Any
+  make: Callable[[], np.ndarray]
+
+  @property
+  def nbytes(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray | LazyTensor],
+                      metadata: dict[str, str] | None = None) -> None:
+  """Write numpy arrays as a safetensors file (tests, synthetic checkpoints).
+
+  A `LazyTensor` value is made, written and dropped one at a time, so a
+  checkpoint larger than memory can be written with memory for one tensor.
+  """
   names = {np.dtype(v): k for k, v in DTYPES.items()}
   header: dict = {'__metadata__': metadata or {'format': 'pt'}}
   offset = 0
   for key, arr in tensors.items():
     n = arr.nbytes
-    header[key] = {'dtype': names[arr.dtype], 'shape': list(arr.shape), 'data_offsets': [offset, offset + n]}
+    header[key] = {'dtype': names[np.dtype(arr.dtype)], 'shape': list(arr.shape), 'data_offsets': [offset, offset + n]}
     offset += n
   blob = json.dumps(header, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)
   with open(path, 'wb') as f:
     f.write(struct.pack('<Q', len(blob)))
     f.write(blob)
-    for arr in tensors.values():
-      f.write(np.ascontiguousarray(arr).tobytes())
+    for key, arr in tensors.items():
+      if isinstance(arr, LazyTensor):
+        made = arr.make()
+        if tuple(made.shape) != tuple(arr.shape) or made.dtype != np.dtype(arr.dtype):
+          raise ValueError(f'{key}: made {made.shape} {made.dtype}, declared {arr.shape} {arr.dtype}')
+        arr = made
+      f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # no bytes copy
+      del arr

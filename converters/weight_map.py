@@ -231,17 +231,28 @@ def _np_dtype(dtype) -> np.dtype:
   return np.dtype(jnp.dtype(dtype))
 
 
+def row_shape(p: ParamPlan) -> tuple[int, ...]:
+  """Shape of one recipe's output: a layer's row of a stacked parameter, or the whole one."""
+  return tuple(p.shape[1:]) if p.stacked else tuple(p.shape)
+
+
+def build_row(read: Callable[[str], np.ndarray], p: ParamPlan, r: int, where: str) -> np.ndarray:
+  """Recipe r of a parameter from the tensors `read` returns, shape-checked (not yet cast)."""
+  recipe = p.recipes[r]
+  arr = recipe.build(*(read(k) for k in recipe.keys))
+  if tuple(arr.shape) != row_shape(p):
+    what = ', '.join(recipe.keys)
+    raise UserError(f'{where}: tensor {what} has shape {tuple(arr.shape)} after conversion, '
+                    f'but {p.name} needs {row_shape(p)}')
+  return arr
+
+
 def build_param(ckpt: Checkpoint, p: ParamPlan) -> np.ndarray:
   """Assemble one Flax parameter in a single host buffer."""
   out = np.empty(p.shape, _np_dtype(p.dtype))
-  for r, recipe in enumerate(p.recipes):
-    arr = recipe.build(*(ckpt.read(k) for k in recipe.keys))
+  for r in range(len(p.recipes)):
     target = out[r] if p.stacked else out
-    if tuple(arr.shape) != target.shape:
-      what = ', '.join(recipe.keys)
-      raise UserError(f'{ckpt.model_dir}: tensor {what} has shape {tuple(arr.shape)} after conversion, '
-                      f'but {p.name} needs {target.shape}')
-    target[...] = arr  # casts (bf16 <-> f32 by round-to-nearest-even, like torch)
+    target[...] = build_row(ckpt.read, p, r, ckpt.model_dir)  # casts (bf16 <-> f32 by round-to-nearest-even, like torch)
   return out
 
 

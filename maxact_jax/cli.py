@@ -21,6 +21,8 @@ COMMANDS = {
     'bootstrap': ('maxact_jax.commands.bootstrap', 'write category-stratified random subsets of a corpus'),
     'quant': ('maxact_jax.commands.quant', 'INT8/FP8 fake-quantization error at the peak (or chosen) taps'),
     'sweep': ('maxact_jax.commands.sweep', 'measure a list of configs (skipping finished ones), then report'),
+    'convert': ('maxact_jax.commands.convert', 'convert a checkpoint once to an orbax model directory'),
+    'plan': ('maxact_jax.commands.plan', 'size a run from config.json: parameters, taps, memory, layout'),
 }
 EXIT_USAGE = 2
 

@@ -137,6 +137,20 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> dict
   return {'kl': kl, 'top1_agreement': top1, 'top5_overlap': top5, 'max_abs_err': float(np.abs(a - r).max())}
 
 
+def reference_checkpoint(model_path: str) -> str:
+  """The Hugging Face directory transformers loads: a converted orbax directory's recorded
+  source (so the check covers the conversion too), else the directory itself."""
+  from converters import orbax_io  # pylint: disable=import-outside-toplevel
+
+  if not orbax_io.is_orbax_dir(model_path):
+    return model_path
+  source = orbax_io.read_metadata(model_path).get('source', {}).get('path', '')
+  if not os.path.isfile(os.path.join(source, 'config.json')):
+    raise UserError(f'{model_path} is a converted orbax directory; transformers needs its source checkpoint, '
+                    f'recorded as {source or "(none)"}, which is not there')
+  return source
+
+
 def crosscheck(opts: CrosscheckOptions, params=None, hf_model=None) -> dict[str, Any]:
   """Compare every tap; returns the report (also written to crosscheck.json)."""
   if opts.dtype not in TOLERANCE:
@@ -149,7 +163,7 @@ def crosscheck(opts: CrosscheckOptions, params=None, hf_model=None) -> dict[str,
   if hf_model is None:
     from maxact_jax import torch_reference  # pylint: disable=import-outside-toplevel
 
-    hf_model = torch_reference.load_hf_model(opts.model_path, opts.dtype)
+    hf_model = torch_reference.load_hf_model(reference_checkpoint(opts.model_path), opts.dtype)
   ref_taps, ref_logits = torch_taps(hf_model, batch)
   our_taps, our_logits = jax_taps(opts.model_path, batch, opts.dtype, params)
   rows, first_failure = {}, None

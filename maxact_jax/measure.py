@@ -2,7 +2,8 @@
 
 `make_stats_step` builds the step: the model runs under the capture
 interceptor with `reduce_handler`, so each tap leaves the device as a few
-small arrays. `run` drives batches through it, overlapping the host merge of
+small arrays (`maxact_jax.parallel` builds it for the pmap and mesh layouts,
+`measure --parallelism`). `run` drives batches through it, overlapping the host merge of
 batch i with the device work of batch i + 1 (JAX dispatches asynchronously),
 and `measure` is the whole job behind `maxact-jax measure`.
 """
@@ -15,12 +16,11 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import capture, data, results, runstate, stats
+from maxact_jax import capture, data, parallel, results, runstate, stats
 from maxact_jax.config import ModelConfig, load_config, read_config_json
 from maxact_jax.errors import UserError
 from maxact_jax.models import transformer
@@ -29,15 +29,9 @@ DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float
 
 
 def make_stats_step(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K) -> Callable:
-  """jit(params, input_ids [B,T], valid [B,T]) -> the sown `taps` tree of partials."""
-  model = transformer.build(config, dtype)
-
-  def step(params, input_ids, valid):
-    with nn.intercept_methods(capture.interceptor(capture.reduce_handler(valid, top_k))):
-      _, sown = model.apply({'params': params}, input_ids, valid, mutable=[capture.COLLECTION])
-    return sown[capture.COLLECTION]
-
-  return jax.jit(step)
+  """jit(params, input_ids [B,T], valid [B,T]) -> the sown `taps` tree of partials (one device;
+  `parallel.make_step` builds it for every layout)."""
+  return jax.jit(parallel.stats_body(config, dtype, top_k))
 
 
 def make_forward(config: ModelConfig, dtype: Any) -> Callable:
@@ -81,7 +75,7 @@ def run(step: Callable, params: Any, batches: Iterable[tuple[int, data.Batch]], 
       on_merged(index, batch)
 
   for index, batch in batches:
-    out = step(params, jnp.asarray(batch.input_ids), jnp.asarray(batch.valid))
+    out = step(params, batch.input_ids, batch.valid)
     if pending is not None:
       merge(pending)
     pending = (out, index, batch)
@@ -91,9 +85,10 @@ def run(step: Callable, params: Any, batches: Iterable[tuple[int, data.Batch]], 
 
 
 class CompiledSteps:
-  """The step compiled ahead of time for each batch shape, with its memory estimate."""
+  """A layout's step (`parallel.Step`) compiled ahead of time for each batch shape,
+  so its memory can be checked before the run and the compile time is known."""
 
-  def __init__(self, step: Callable, params: Any):
+  def __init__(self, step: 'parallel.Step', params: Any):
     self.step, self.params = step, params
     self.compiled: dict[tuple[int, int], Any] = {}
     self.compile_s = 0.0
@@ -101,14 +96,16 @@ class CompiledSteps:
   def get(self, shape: tuple[int, int]):
     if shape not in self.compiled:
       t0 = time.perf_counter()
-      ids = jax.ShapeDtypeStruct(shape, jnp.int32)
-      valid = jax.ShapeDtypeStruct(shape, jnp.bool_)
+      sharding = self.step.batch_sharding
+      ids = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+      valid = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)
       self.compiled[shape] = self.step.lower(self.params, ids, valid).compile()
       self.compile_s += time.perf_counter() - t0
     return self.compiled[shape]
 
   def __call__(self, params, input_ids, valid):
-    return self.get(tuple(input_ids.shape))(params, input_ids, valid)
+    compiled = self.get(tuple(np.shape(input_ids)))
+    return compiled(params, self.step.put_batch(input_ids), self.step.put_batch(valid))
 
 
 def step_memory_bytes(compiled) -> int | None:
@@ -176,6 +173,13 @@ class MeasureOptions:
   resume: bool = False
   device_memory_gb: float | None = None  # override the device's memory for the guard
   source_tokenizer: str | None = None  # re-tokenize input_ids decoded with this tokenizer
+  # Scale-out (maxact_jax.parallel): layout, and the multi-host runtime.
+  parallelism: str = parallel.AUTO
+  mesh_shape: str | None = None
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  initialization_timeout: int = 300
 
 
 @dataclasses.dataclass
@@ -190,11 +194,13 @@ class Measurement:
   timings: dict[str, float]
 
 
-def load_params(model_path: str, config: ModelConfig, dtype_name: str) -> Any:
-  """Parameters of a checkpoint directory, in the named dtype."""
+def load_params(model_path: str, config: ModelConfig, dtype_name: str, step: parallel.Step | None = None) -> Any:
+  """Parameters of a checkpoint directory, in the named dtype (placed for `step`'s layout)."""
   import converters  # pylint: disable=import-outside-toplevel
 
-  return converters.load_params(model_path, config, DTYPES[dtype_name])
+  if step is None:
+    return converters.load_params(model_path, config, DTYPES[dtype_name])
+  return converters.load_params(model_path, config, DTYPES[dtype_name], place=step.place, sharding=step.sharding)
 
 
 def load_measure_corpus(opts: MeasureOptions, config: ModelConfig) -> data.Corpus:
@@ -246,7 +252,12 @@ def measure(opts: MeasureOptions) -> Measurement:
     raise UserError(f'--dtype={opts.dtype} is not supported (choose from {", ".join(DTYPES)})')
   if opts.batch_size < 1:
     raise UserError(f'--batch_size must be a positive integer, got {opts.batch_size}')
-  results.ensure_output_dir(opts.output_dir)
+  # Before JAX touches a device: the multi-host runtime, if asked for.
+  parallel.initialize_distributed(opts.coordinator_address, opts.num_processes, opts.process_id,
+                                  opts.initialization_timeout)
+  writer = parallel.is_writer()
+  if writer:
+    results.ensure_output_dir(opts.output_dir)
   name = results.model_name_of(opts.model_path)
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
@@ -265,11 +276,20 @@ def measure(opts: MeasureOptions) -> Measurement:
     start, acc.taps, extra = runstate.load(state_file, fingerprint)
     acc.batches, acc.tokens = start, int(extra.get('tokens', 0))
   timings['data_s'] = time.perf_counter() - t0
+  from maxact_jax import plan as planner  # pylint: disable=import-outside-toplevel
+  layout = planner.resolve_layout(opts.parallelism, opts.mesh_shape, config, DTYPES[opts.dtype], opts.batch_size,
+                                  int(max(plan.lengths)))
+  if opts.batch_size % layout.data_parallel:
+    raise UserError(f'--batch_size={opts.batch_size} is not a multiple of the {layout.data_parallel} '
+                    f'data-parallel devices of {layout.describe()}')
+  if opts.progress and writer:
+    print(f'parallelism: {layout.describe()}: {layout.reason}', file=sys.stderr)
+  step = parallel.make_step(config, DTYPES[opts.dtype], layout)
   t0 = time.perf_counter()
-  params = load_params(opts.model_path, config, opts.dtype)
+  params = load_params(opts.model_path, config, opts.dtype, step)
   timings['load_s'] = time.perf_counter() - t0
 
-  steps = CompiledSteps(make_stats_step(config, DTYPES[opts.dtype]), params)
+  steps = CompiledSteps(step, params)
   capacity = int(opts.device_memory_gb * 2**30) if opts.device_memory_gb else device_memory_bytes()
   step_bytes = check_memory(steps, plan, capacity)
 
@@ -277,11 +297,11 @@ def measure(opts: MeasureOptions) -> Measurement:
     if bar:
       bar.update(batch.num_tokens)
     done = index + 1
-    if opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < len(plan.groups):
+    if writer and opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < len(plan.groups):
       runstate.save(state_file, fingerprint_=fingerprint, next_batch=done, taps=acc.taps,
                     extra={'tokens': acc.tokens})
 
-  bar = _progress(corpus.num_tokens, name, initial=acc.tokens) if opts.progress else None
+  bar = _progress(corpus.num_tokens, name, initial=acc.tokens) if opts.progress and writer else None
   t0 = time.perf_counter()
   batches = enumerate(data.iter_batches(corpus, plan, config.pad_token_id or 0))
   run(steps, params, ((i, b) for i, b in batches if i >= start), acc, on_merged=checkpoint)
@@ -304,14 +324,21 @@ def measure(opts: MeasureOptions) -> Measurement:
       'truncated_tokens': corpus.tokens_dropped,
       'step_memory_bytes': step_bytes,
       'devices': [str(d) for d in jax.devices()],
+      'parallelism': layout.kind,
+      'layout': layout.describe(),
+      'layout_reason': layout.reason,
+      'mesh_shape': layout.mesh_shape,
+      'num_processes': jax.process_count(),
       'jax_version': jax.__version__,
       **{k: round(v, 3) for k, v in timings.items()},
   }
   doc, top_doc = results.build_documents(header=header(opts, config, corpus), taps=acc.taps,
                                          describe=describer(corpus, tokenizer), run_info=run_info)
-  paths = results.write_documents(opts.output_dir, name, doc, top_doc)
-  if os.path.exists(state_file):
-    os.remove(state_file)  # the results are complete: nothing left to resume
+  paths = ('', '')
+  if writer:  # every process holds the same merged statistics; one writes them
+    paths = results.write_documents(opts.output_dir, name, doc, top_doc)
+    if os.path.exists(state_file):
+      os.remove(state_file)  # the results are complete: nothing left to resume
   return Measurement(config, acc, corpus, plan, doc, top_doc, paths, timings)
 
 
@@ -352,6 +379,8 @@ def summary_lines(m: Measurement) -> list[str]:
     where = f' — sample {detail.get("sample")}, position {detail.get("position")}, channel {detail.get("channel")}'
     if 'token' in detail:
       where += f', token {detail["token"]!r} (id {detail.get("token_id")})'
+  if run_info.get('layout'):
+    lines.append(f'parallelism {run_info["layout"]}: {run_info.get("layout_reason", "")}')
   lines.append(f'global max activation {doc["global_max_activation"]:.6g} at {doc["global_max_location"]}{where}')
   if doc.get('nonfinite'):
     bad = ', '.join(f'{k} (nan {v["nan"]}, +inf {v["posinf"]}, -inf {v["neginf"]})'

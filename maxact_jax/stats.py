@@ -198,6 +198,59 @@ def _activation_partial(x, valid, isnan, tok_abs, top_k):
   return out
 
 
+# Partial fields with a leading batch-row axis, summed on the host.
+ADDITIVE_FIELDS = ('count', 'sum', 'sum_sq', 'abs_sum', 'nan', 'posinf', 'neginf', 'sun_n_pass',
+                   'sun_sum_ratio', 'sun_sum_ratio_sq', 'hist', 'hist_zero', 'hist_count')
+
+
+def combine_across(partial: dict[str, jax.Array], axis_name: str, top_k: int = TOP_K) -> dict[str, jax.Array]:
+  """One device's partial over its rows -> the partial of the whole batch.
+
+  Runs inside `shard_map`/`pmap` over `axis_name`, whose devices hold
+  consecutive blocks of batch rows in axis-index order. The result, the same on
+  every device, is exactly what `tap_partial` returns for the whole batch on
+  one device:
+
+  - additive fields keep their per-row axis (all_gather): int32 counts summed
+    over many rows could overflow, and the host sums rows in float64;
+  - extremes: all_gather of every device's candidate, then the first device
+    holding the best (jnp.argmax, as on one device, NaN included), whose
+    coordinates are shifted by its row offset; ties therefore go to the
+    smallest row, as on one device;
+  - top-K: all_gather of every device's top-K, then top-K again; lax.top_k
+    puts equal values in index order, which is row order here.
+  """
+  rows = partial['count'].shape[0]
+  offset = jax.lax.axis_index(axis_name).astype(jnp.int32) * rows
+
+  def gather(a):
+    return jax.lax.all_gather(a, axis_name)  # [devices, ...]
+
+  def first_best(key, *fields):
+    best = jnp.argmax(gather(key))
+    return tuple(gather(f)[best] for f in fields)
+
+  def shift(at):  # local row -> batch row (first coordinate)
+    return at.at[..., 0].add(offset)
+
+  out = {k: jax.lax.all_gather(partial[k], axis_name, tiled=True) for k in ADDITIVE_FIELDS if k in partial}
+  for name, sign in (('max', 1.0), ('min', -1.0)):
+    out[name], out[f'{name}_at'] = first_best(partial[name] * sign, partial[name], shift(partial[f'{name}_at']))
+  for name, key in (('sun_peak', 'abs'), ('sun_max_ratio', 'ratio')):
+    if f'{name}_at' not in partial:
+      continue
+    fields = [f'{name}_abs', f'{name}_median', f'{name}_ratio']
+    picked = first_best(partial[f'{name}_{key}'], *(partial[f] for f in fields), shift(partial[f'{name}_at']))
+    out.update(zip(fields + [f'{name}_at'], picked))
+  if 'topk_abs' in partial:
+    scores = jax.lax.all_gather(partial['topk_abs'], axis_name, tiled=True)
+    signed = jax.lax.all_gather(partial['topk_signed'], axis_name, tiled=True)
+    at = jax.lax.all_gather(shift(partial['topk_at']), axis_name, tiled=True)
+    vals, idx = jax.lax.top_k(scores, min(top_k, scores.shape[0]))
+    out['topk_abs'], out['topk_signed'], out['topk_at'] = vals, signed[idx], at[idx]
+  return out
+
+
 # ---------------------------------------------------------------------------
 # Host side.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from maxact_jax import fixtures, measure
+from maxact_jax import fixtures, measure, parallel
 from maxact_jax.commands import common
 from maxact_jax.errors import UserError
 
@@ -24,6 +24,23 @@ flags.DEFINE_string('source_tokenizer', None, 'Tokenizer (directory or tokenizer
                     "checkpoint's tokenizer, as the paper did from Llama-2 ids.", flag_values=FLAGS)
 flags.DEFINE_boolean('crosscheck', False, 'First check every tap against transformers on a sample batch.',
                      flag_values=FLAGS)
+flags.DEFINE_integer('max_shapes', 8, 'At most this many distinct padded batch lengths (one compilation '
+                     'each).', flag_values=FLAGS)
+flags.DEFINE_enum('parallelism', parallel.AUTO, parallel.PARALLELISMS,
+                  'none: one device. pmap: parameters replicated, the batch split over every device, statistics '
+                  'combined with collectives in the step. mesh: parameters sharded (--mesh_shape), the batch on '
+                  'the data and fsdp axes. auto: none on one device, else pmap when the model fits one device, '
+                  'mesh otherwise (it says which and why).', flag_values=FLAGS)
+flags.DEFINE_string('mesh_shape', None, 'Mesh axis sizes for --parallelism=mesh, e.g. data=2,fsdp=4,tensor=1 '
+                    '(or 2,4,1); must multiply to the number of devices, one may be -1. Default: fsdp over all.',
+                    flag_values=FLAGS)
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: host:port of process 0 (jax.distributed).',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.', flag_values=FLAGS)
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1; process 0 writes.',
+                     flag_values=FLAGS)
+flags.DEFINE_integer('initialization_timeout', 300, 'Multi-host: seconds to wait for the coordinator and '
+                     'the other processes.', flag_values=FLAGS)
 
 
 def options(fv: flags.FlagValues) -> measure.MeasureOptions:
@@ -32,6 +49,7 @@ def options(fv: flags.FlagValues) -> measure.MeasureOptions:
   common.check_positive('batch_size', fv.batch_size, allow_none=False)
   common.check_positive('max_samples', fv.max_samples)
   common.check_positive('max_seq_len', fv.max_seq_len)
+  common.check_positive('max_shapes', fv.max_shapes, allow_none=False)
   if fv.checkpoint_every < 0:
     raise UserError(f'--checkpoint_every must be 0 or positive, got {fv.checkpoint_every}')
   if fv.device_memory_gb is not None and fv.device_memory_gb <= 0:
@@ -40,13 +58,17 @@ def options(fv: flags.FlagValues) -> measure.MeasureOptions:
       model_path=fv.model_path, output_dir=fv.output_dir, data_path=fv.data_path, max_samples=fv.max_samples,
       max_seq_len=fv.max_seq_len, batch_size=fv.batch_size, dtype=fv.dtype, progress=fv.progress,
       checkpoint_every=fv.checkpoint_every, resume=fv.resume, device_memory_gb=fv.device_memory_gb,
-      source_tokenizer=fv.source_tokenizer)
+      source_tokenizer=fv.source_tokenizer, max_shapes=fv.max_shapes, parallelism=fv.parallelism,
+      mesh_shape=fv.mesh_shape, coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+      process_id=fv.process_id, initialization_timeout=fv.initialization_timeout)
 
 
 def run() -> int:
   opts = options(FLAGS)
   model_path = opts.model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
   if FLAGS.crosscheck:
+    if (FLAGS.num_processes or 1) > 1:
+      raise UserError('--crosscheck runs in one process: run `maxact-jax crosscheck` before a multi-host measure')
     from maxact_jax import crosscheck  # pylint: disable=import-outside-toplevel
     report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
         model_path=model_path, data_path=FLAGS.data_path, dtype=FLAGS.dtype,
@@ -56,6 +78,8 @@ def run() -> int:
       print('crosscheck failed: not measuring')
       return 1
   m = measure.measure(opts)
+  if not m.paths[0]:
+    return 0  # another process writes the results
   print(measure.layer_table(m.doc))
   for line in measure.summary_lines(m):
     print(line)

@@ -1,0 +1,43 @@
+"""`maxact-jax convert`: a Hugging Face checkpoint, once, to an orbax model directory.
+
+The output directory is itself a valid --model_path for measure and plan: the
+parameters as an orbax checkpoint (restored straight into any layout's
+sharding), config.json and tokenizer files beside them, and a record of the
+source checkpoint and converter version. Conversion streams layer by layer:
+peak host memory is about one checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import flags
+
+from maxact_jax.commands import common
+from maxact_jax.errors import UserError
+
+FLAGS = flags.FlagValues()
+common.define_model_flags(FLAGS)
+flags.DEFINE_string('output_dir', None, 'The orbax model directory to create (must not exist, or be empty).',
+                    flag_values=FLAGS)
+flags.DEFINE_boolean('verbose', False, 'Print every parameter as it is written.', flag_values=FLAGS)
+
+
+def run() -> int:
+  import converters  # pylint: disable=import-outside-toplevel
+  from maxact_jax import measure  # pylint: disable=import-outside-toplevel
+
+  common.check_dtype(FLAGS.dtype)
+  if not FLAGS.model_path:
+    raise UserError('--model_path is required (a Hugging Face checkpoint directory)')
+  if not FLAGS.output_dir:
+    raise UserError('--output_dir is required (the orbax model directory to create)')
+  t0 = time.perf_counter()
+  meta = converters.convert(FLAGS.model_path, FLAGS.output_dir, measure.DTYPES[FLAGS.dtype],
+                            log=print if FLAGS.verbose else None)
+  size = sum(f['bytes'] for f in meta['source']['files'])
+  print(f'converted {FLAGS.model_path} ({meta["model_type"]}, {len(meta["params"])} parameters, '
+        f'{size / 2**30:.2f} GiB of safetensors) to {FLAGS.output_dir} in {meta["dtype"]} '
+        f'in {time.perf_counter() - t0:.1f} s')
+  print(f'copied beside the parameters: {", ".join(meta["copied_files"]) or "nothing"}')
+  return 0
