@@ -196,7 +196,7 @@ def stats_body(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K) -> Cal
 # Tap suffix -> (partial, axis_name, top_k) -> combined partial, for taps whose
 # partial is not `stats.tap_partial`'s (a structured tap, e.g. an MoE block's
 # routing statistics, registers its rule here). The rest use stats.combine_across.
-COMBINERS: dict[str, Callable[[dict, str, int], dict]] = {}
+COMBINERS: dict[str, Callable[[dict, str, int], dict]] = {'moe_experts': stats.moe_combine_across}
 
 
 def combine_tree(config: ModelConfig, sown: Any, axis_name: str, top_k: int = stats.TOP_K) -> Any:

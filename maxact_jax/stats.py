@@ -561,6 +561,33 @@ def moe_partial(v: dict[str, jax.Array], valid: jax.Array) -> dict[str, jax.Arra
   return out
 
 
+def moe_combine_across(partial: dict[str, jax.Array], axis_name: str, top_k: int = TOP_K) -> dict[str, jax.Array]:
+  """`moe_partial` of one device's rows -> that of the whole batch (pmap layout),
+  with the same tie rules as `combine_across`: the first device in row order wins."""
+  del top_k
+  rows = partial['tokens'].shape[0]
+  offset = jax.lax.axis_index(axis_name).astype(jnp.int32) * rows
+  gather = lambda a: jax.lax.all_gather(a, axis_name)  # [devices, ...]
+  shift = lambda at: at.at[..., 0].add(offset)
+  out = {k: jax.lax.psum(partial[k], axis_name) for k in ('expert_count', 'expert_weight_sum')}
+  out.update({k: jax.lax.all_gather(partial[k], axis_name, tiled=True)
+              for k in ('entropy_sum', 'entropy_sum_sq', 'tokens')})
+  out['entropy_max'] = jax.lax.pmax(partial['entropy_max'], axis_name)
+  out['entropy_min'] = jax.lax.pmin(partial['entropy_min'], axis_name)
+  # Per expert: the device holding the largest |output| (first device on ties).
+  emax = gather(partial['expert_max'])  # [devices, E]
+  best = jnp.argmax(emax, axis=0)  # [E]
+  experts = jnp.arange(emax.shape[1])
+  out['expert_max'] = emax[best, experts]
+  out['expert_max_at'] = gather(shift(partial['expert_max_at']))[best, experts]
+  # The block's largest |output| and who made it.
+  dev = jnp.argmax(gather(jnp.abs(partial['peak_value'])))
+  for k in ('peak_value', 'peak_experts', 'peak_contrib', 'peak_shared'):
+    out[k] = gather(partial[k])[dev]
+  out['peak_at'] = gather(shift(partial['peak_at']))[dev]
+  return out
+
+
 class MoEStats:
   """Running MoE statistics of one layer: associative merge like `TapStats`."""
 

@@ -39,10 +39,10 @@ SCALE_FIELDS = ('mean', 'std', 'abs_mean', 'rms', 'sun_mean_ratio', 'sun_std_rat
 
 
 def assert_same_statistics(a: dict, a_top: dict, b: dict, b_top: dict, rel: float = 1e-5,
-                           exact_extremes: bool = True) -> None:
+                           exact_extremes: bool = True, n_taps: int | None = 2 + 4 * 3) -> None:
   """max/min/top-K/counts/histogram quantiles and every location identical; sums within `rel`."""
   assert set(a['per_layer_stats']) == set(b['per_layer_stats'])
-  assert len(a['per_layer_stats']) == 2 + 4 * 3
+  assert n_taps is None or len(a['per_layer_stats']) == n_taps
   for tap, sa in a['per_layer_stats'].items():
     sb = b['per_layer_stats'][tap]
     assert set(sa) == set(sb), tap
@@ -210,3 +210,33 @@ def test_two_processes_restore_orbax_into_a_global_mesh(baseline, orbax_dir, cor
   doc, top = run_two_processes(orbax_dir, corpus, tmp_path, '--parallelism=mesh', '--mesh_shape=data=2,fsdp=2')
   assert doc['run']['num_processes'] == 2 and doc['run']['mesh_shape'] == {'data': 2, 'fsdp': 2, 'tensor': 1}
   assert_same_statistics(baseline.doc, baseline.top_doc, doc, top)
+
+
+def test_pmap_moe_gives_the_single_device_statistics(moe_checkpoint, corpus, tmp_path):
+  # The MoE block's routing statistics (a structured tap) cross devices with their own rule.
+  model_dir = moe_checkpoint('qwen3_moe')
+  runs = {}
+  for parallelism, batch in (('none', 2), ('pmap', 16)):
+    runs[parallelism] = measure.measure(measure.MeasureOptions(
+        model_path=model_dir, output_dir=str(tmp_path / parallelism), data_path=corpus, batch_size=batch,
+        dtype='float32', max_shapes=1, progress=False, parallelism=parallelism))
+  one, many = runs['none'], runs['pmap']
+  assert any(name.endswith('_router_logits') for name in one.doc['per_layer_stats'])
+  assert_same_statistics(one.doc, one.top_doc, many.doc, many.top_doc, n_taps=None)
+  assert one.doc['moe']
+
+  def same(a, b, where):  # integers and locations exact, float sums to float32 rounding
+    if isinstance(a, dict):
+      assert set(a) == set(b), where
+      for k in a:
+        same(a[k], b[k], f'{where}.{k}')
+    elif isinstance(a, list):
+      assert len(a) == len(b), where
+      for i, (x, y) in enumerate(zip(a, b)):
+        same(x, y, f'{where}[{i}]')
+    elif isinstance(a, float):
+      assert b == pytest.approx(a, rel=1e-5, abs=1e-6), where
+    else:
+      assert a == b, where
+
+  same(one.doc['moe'], many.doc['moe'], 'moe')
