@@ -81,32 +81,43 @@ def tap_partial(x: jax.Array, valid: jax.Array, *, full: bool, top_k: int = TOP_
   x = x.astype(jnp.float32).reshape(b, t, -1)
   f = x.shape[-1]
   v = valid[:, :, None]
-  isnan = jnp.isnan(x)
   xz = jnp.where(v & jnp.isfinite(x), x, 0.0)
   out = {
       'count': (valid.sum(axis=1) * f).astype(jnp.int32),
       'sum': xz.sum(axis=(1, 2)),
       'sum_sq': (xz * xz).sum(axis=(1, 2)),
       'abs_sum': jnp.abs(xz).sum(axis=(1, 2)),
-      'nan': (v & isnan).sum(axis=(1, 2), dtype=jnp.int32),
-      'posinf': (v & (x == jnp.inf)).sum(axis=(1, 2), dtype=jnp.int32),
-      'neginf': (v & (x == -jnp.inf)).sum(axis=(1, 2), dtype=jnp.int32),
   }
-  usable = v & ~isnan
-  tok = {}
-  for name, sign in (('max', 1.0), ('min', -1.0)):
-    s = jnp.where(usable, x * sign, -jnp.inf)  # min is the max of -x
-    ch = jnp.argmax(s, axis=-1)  # [B, T]: first channel of each token's extreme
-    tok[name] = jnp.take_along_axis(s, ch[..., None], axis=-1)[..., 0]  # signed max (or -min)
-    flat = _first_argmax(tok[name])
+  out['nan'], out['posinf'], out['neginf'] = _nonfinite_counts(x, v)
+  # Per-token extremes with NaN left out: one vectorised max and min over channels.
+  ok = v & ~jnp.isnan(x)
+  tok_max = jnp.where(ok, x, -jnp.inf).max(axis=-1)  # [B, T]
+  tok_min = jnp.where(ok, x, jnp.inf).min(axis=-1)
+  for name, tok, sign in (('max', tok_max, 1.0), ('min', tok_min, -1.0)):
+    flat = _first_argmax(tok * sign)  # the first token holding the extreme
     bi, ti = flat // t, flat % t
-    out[name] = tok[name][bi, ti] * sign
-    out[f'{name}_at'] = jnp.stack([bi, ti, ch[bi, ti]]).astype(jnp.int32)
+    row = x[bi, ti]  # its channels: only this one row needs an argmax
+    ch = jnp.argmax(jnp.where(jnp.isnan(row), -jnp.inf, row * sign))
+    out[name] = tok[bi, ti]
+    out[f'{name}_at'] = jnp.stack([bi, ti, ch]).astype(jnp.int32)
   if full:
     # max |x| per token (NaN excluded; a token of only NaN counts as 0).
-    tok_abs = jnp.maximum(jnp.maximum(tok['max'], tok['min']), 0.0)
-    out.update(_activation_partial(x, valid, isnan, tok_abs, top_k))
+    tok_abs = jnp.maximum(jnp.maximum(tok_max, -tok_min), 0.0)
+    out.update(_activation_partial(x, valid, tok_abs, top_k))
   return out
+
+
+def _nonfinite_counts(x: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-row NaN, +inf and -inf counts over valid elements. One pass counts the
+  non-finite values; telling them apart costs two more, only when there are any."""
+  bad = (v & ~jnp.isfinite(x)).sum(axis=(1, 2), dtype=jnp.int32)
+
+  def split(x):
+    return ((v & jnp.isnan(x)).sum(axis=(1, 2), dtype=jnp.int32),
+            (v & (x == jnp.inf)).sum(axis=(1, 2), dtype=jnp.int32))
+
+  nan, posinf = jax.lax.cond(bad.sum() > 0, split, lambda x: (jnp.zeros_like(bad), jnp.zeros_like(bad)), x)
+  return nan, posinf, bad - nan - posinf
 
 
 def lower_median(a: jax.Array) -> jax.Array:
@@ -118,11 +129,13 @@ def lower_median(a: jax.Array) -> jax.Array:
   compare-and-count over the last axis (a sort costs several times more on CPU).
   """
   k = (a.shape[-1] - 1) // 2
-  bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
+  a = a.astype(jnp.float32)
 
   def step(i, prefix):
     cand = prefix | jnp.left_shift(jnp.int32(1), 30 - i)
-    below = (bits < cand[..., None]).sum(axis=-1, dtype=jnp.int32)
+    # Compare as floats and count in float32 (exact below 2**24 channels): XLA:CPU
+    # vectorises this better than int32 compares and sums.
+    below = (a < jax.lax.bitcast_convert_type(cand, jnp.float32)[..., None]).sum(axis=-1, dtype=jnp.float32)
     return jnp.where(below <= k, cand, prefix)
 
   prefix = jax.lax.fori_loop(0, 31, step, jnp.zeros(a.shape[:-1], jnp.int32))
@@ -158,9 +171,9 @@ def log_histogram(a: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, 
           mask.sum(axis=axes, dtype=jnp.int32))
 
 
-def _activation_partial(x, valid, isnan, tok_abs, top_k):
+def _activation_partial(x, valid, tok_abs, top_k):
   b, t, f = x.shape
-  a = jnp.abs(jnp.where(isnan, 0.0, x))
+  a = jnp.abs(jnp.where(jnp.isnan(x), 0.0, x))
   tok_med = lower_median(a)
   ratio = tok_abs / jnp.maximum(tok_med, TINY)
   out = {}
