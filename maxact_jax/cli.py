@@ -22,6 +22,7 @@ COMMANDS = {
     'quant': ('maxact_jax.commands.quant', 'INT8/FP8 fake-quantization error at the peak (or chosen) taps'),
     'sweep': ('maxact_jax.commands.sweep', 'measure a list of configs (skipping finished ones), then report'),
     'convert': ('maxact_jax.commands.convert', 'convert a checkpoint once to an orbax model directory'),
+    'bench': ('maxact_jax.commands.bench', 'statistics overhead, speed, and the PyTorch pipeline, in one run'),
     'plan': ('maxact_jax.commands.plan', 'size a run from config.json: parameters, taps, memory, layout'),
 }
 EXIT_USAGE = 2

@@ -342,3 +342,45 @@ def run_reference(model, samples: list[list[int]], batch_size: int = 8, pad_id: 
   finally:
     remove(handles)
   return acc.finalize()
+
+
+# ---------------------------------------------------------------------------
+# The reference pipeline end to end, as a process (`python -m maxact_jax.torch_reference`):
+# what the benchmark times against, run the way the paper runs it.
+
+
+def main(argv: list[str] | None = None) -> int:
+  import argparse  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(description='The reference pipeline (PyTorch): per-tap statistics.')
+  parser.add_argument('--model_path', required=True)
+  parser.add_argument('--data_path', required=True, help='jsonl with input_ids per line')
+  parser.add_argument('--output_dir', required=True)
+  parser.add_argument('--max_samples', type=int, default=2000)
+  parser.add_argument('--max_seq_len', type=int, default=32768)
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  args = parser.parse_args(argv)
+  samples = []
+  with open(args.data_path) as f:
+    for i, line in enumerate(f):
+      if i >= args.max_samples:
+        break
+      samples.append(json.loads(line)['input_ids'][:args.max_seq_len])
+  model = load_hf_model(args.model_path, args.dtype, attn_implementation=None)
+  pad_id = getattr(model.config, 'pad_token_id', None) or 0
+  summary = run_reference(model, samples, args.batch_size, pad_id)
+  value, location = stats.global_max(summary)
+  name = os.path.basename(os.path.normpath(args.model_path))
+  os.makedirs(os.path.join(args.output_dir, 'json'), exist_ok=True)
+  with open(os.path.join(args.output_dir, 'json', f'{name}_activation_stats.json'), 'w') as f:
+    json.dump({'model_name': name, 'num_samples': len(samples), 'global_max_activation': value,
+               'global_max_location': location, 'per_layer_stats': summary}, f)
+  print(f'global max activation {value:.6g} at {location}')
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

@@ -200,6 +200,11 @@ def attention_mask(valid: Array, window: Array | int | None = None) -> Array:
   return mask[:, None, None]
 
 
+# Sequences longer than this go through the blocked attention (no [T, S] matrix,
+# key blocks past the diagonal skipped); shorter ones through the direct one.
+ATTENTION_BLOCK = 256
+
+
 class Attention(nn.Module):
   """Multi-head attention with GQA, optional q/k norm, rope, soft-capping and sinks."""
 
@@ -207,7 +212,7 @@ class Attention(nn.Module):
   dtype: DType
 
   @nn.compact
-  def __call__(self, x: Array, cos: Array, sin: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, cos: Array, sin: Array, valid: Array, window: Array | int | None = None) -> Array:
     c = self.config
     b, t, _ = x.shape
     h, k, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -225,34 +230,104 @@ class Attention(nn.Module):
       key = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='k_norm')(key)
     q = apply_rope(q, cos, sin)
     key = apply_rope(key, cos, sin)
-
     q = q.reshape(b, t, k, h // k, hd)
-    prec = precision_for(self.dtype)
-    # As transformers' eager path: logits in the activation dtype, times the scale.
-    logits = jnp.einsum('BTKGh,BSKh->BKGTS', q, key, precision=prec) * jnp.asarray(c.scale, self.dtype)
-    if c.attn_logit_softcap:
-      cap = jnp.asarray(c.attn_logit_softcap, self.dtype)
-      logits = jnp.tanh(logits / cap) * cap
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    if c.attention_sinks:
-      # gpt-oss (transformers' eager): one learned logit per head joins every row's
-      # softmax and is dropped after it. The concatenation and the max subtraction
-      # happen in the activation dtype (no float32 upcast there, unlike the plain
-      # path); the softmax itself accumulates in float32, as torch's CPU kernel does.
-      sinks = self.param('sinks', nn.initializers.zeros, (h,), self.dtype)
-      sink = jnp.broadcast_to(sinks.astype(logits.dtype).reshape(1, k, h // k, 1, 1),
-                              logits.shape[:-1] + (1,))
-      combined = jnp.concatenate([logits, sink], axis=-1)
-      combined = combined - jnp.max(combined, axis=-1, keepdims=True)
-      probs = jax.nn.softmax(combined.astype(jnp.float32), axis=-1)[..., :-1]
+    sinks = self.param('sinks', nn.initializers.zeros, (h,), self.dtype) if c.attention_sinks else None
+    if t > ATTENTION_BLOCK:
+      out = blocked_attention(q, key, value, valid, window, c, self.dtype, sinks, ATTENTION_BLOCK)
     else:
-      # Softmax in float32, then back to the activation dtype (transformers' eager).
-      probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    probs = probs.astype(self.dtype)
-    out = jnp.einsum('BKGTS,BSKh->BTKGh', probs, value, precision=prec).reshape(b, t, h * hd)
+      out = direct_attention(q, key, value, attention_mask(valid, window), c, self.dtype, sinks)
+    out = out.reshape(b, t, h * hd)
     if c.attn_output_gate:
       out = out * jax.nn.sigmoid(gate)
     return dense(c.hidden_size, 'o_proj', dtype=self.dtype, use_bias=c.o_bias)(out)
+
+
+def _scaled_logits(q: Array, key: Array, c: ModelConfig, dtype: DType, spec: str) -> Array:
+  # As transformers' eager path: logits in the activation dtype, times the scale,
+  # then the optional soft-cap.
+  logits = jnp.einsum(spec, q, key, precision=precision_for(dtype)) * jnp.asarray(c.scale, dtype)
+  if c.attn_logit_softcap:
+    cap = jnp.asarray(c.attn_logit_softcap, dtype)
+    logits = jnp.tanh(logits / cap) * cap
+  return logits
+
+
+def direct_attention(q: Array, key: Array, value: Array, mask: Array, c: ModelConfig, dtype: DType,
+                     sinks: Array | None) -> Array:
+  """softmax(q k^T) v with the whole [T, S] matrix: q [B,T,K,G,h], key/value [B,S,K,h] -> [B,T,K,G,h]."""
+  _, _, k, g, _ = q.shape
+  logits = _scaled_logits(q, key, c, dtype, 'BTKGh,BSKh->BKGTS')
+  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  if sinks is not None:
+    # gpt-oss (transformers' eager): one learned logit per head joins every row's
+    # softmax and is dropped after it. The concatenation and the max subtraction
+    # happen in the activation dtype (no float32 upcast there, unlike the plain
+    # path); the softmax itself accumulates in float32, as torch's CPU kernel does.
+    sink = jnp.broadcast_to(sinks.astype(logits.dtype).reshape(1, k, g, 1, 1), logits.shape[:-1] + (1,))
+    combined = jnp.concatenate([logits, sink], axis=-1)
+    combined = combined - jnp.max(combined, axis=-1, keepdims=True)
+    probs = jax.nn.softmax(combined.astype(jnp.float32), axis=-1)[..., :-1]
+  else:
+    # Softmax in float32, then back to the activation dtype (transformers' eager).
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.einsum('BKGTS,BSKh->BTKGh', probs.astype(dtype), value, precision=precision_for(dtype))
+
+
+def blocked_attention(q: Array, key: Array, value: Array, valid: Array, window: Array | int | None,
+                      c: ModelConfig, dtype: DType, sinks: Array | None, block: int) -> Array:
+  """The same attention, one block of queries at a time against the key blocks it
+  can see (causal, inside the sliding window), with a running softmax in float32.
+
+  Memory is O(T * block) instead of O(T^2), and key blocks after the diagonal
+  (or before the window) are never computed. The result equals the direct
+  path's up to float rounding (the softmax is accumulated block by block).
+  q [B,T,K,G,h], key/value [B,S,K,h], valid [B,S] -> [B,T,K,G,h].
+  """
+  b, t, k, g, hd = q.shape
+  pad = -t % block
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    key = jnp.pad(key, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    value = jnp.pad(value, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    valid = jnp.pad(valid, ((0, 0), (0, pad)))
+  n = (t + pad) // block
+  kb = key.reshape(b, n, block, k, hd)
+  vb = value.reshape(b, n, block, k, hd)
+  validb = valid.reshape(b, n, block)
+  window = jnp.asarray(0 if window is None else window, jnp.int32)
+  offsets = jnp.arange(block, dtype=jnp.int32)
+  neg = jnp.finfo(jnp.float32).min
+
+  def query_block(i):
+    q_i = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=1)  # [B, bq, K, G, h]
+    q_pos = i * block + offsets
+    first = jnp.where(window > 0, jnp.maximum(i * block - window + 1, 0) // block, 0)
+
+    def key_block(j, carry):
+      m, l, acc = carry
+      k_pos = j * block + offsets
+      s = _scaled_logits(q_i, kb[:, j], c, dtype, 'BqKGh,BkKh->BKGqk').astype(jnp.float32)
+      visible = (k_pos[None, :] <= q_pos[:, None]) & ((window <= 0) | (q_pos[:, None] - k_pos[None, :] < window))
+      mask = visible[None, None, None] & validb[:, j][:, None, None, None, :]
+      s = jnp.where(mask, s, neg)
+      m_new = jnp.maximum(m, s.max(axis=-1))
+      p = jnp.exp(s - m_new[..., None])
+      scale = jnp.exp(m - m_new)
+      l = l * scale + p.sum(axis=-1)
+      pv = jnp.einsum('BKGqk,BkKh->BKGqh', p.astype(dtype), vb[:, j], precision=precision_for(dtype))
+      return m_new, l, acc * scale[..., None] + pv.astype(jnp.float32)
+
+    init = (jnp.full((b, k, g, block), neg, jnp.float32), jnp.zeros((b, k, g, block), jnp.float32),
+            jnp.zeros((b, k, g, block, hd), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(first, i + 1, key_block, init)
+    if sinks is not None:  # the sink joins the normaliser only
+      l = l + jnp.exp(sinks.astype(jnp.float32).reshape(1, k, g, 1) - m)
+    out = (acc / l[..., None]).astype(dtype)  # [B, K, G, bq, h]
+    return jnp.moveaxis(out, 3, 1)  # [B, bq, K, G, h]
+
+  out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, bq, K, G, h]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, k, g, hd)
+  return out[:, :t]
 
 
 # ---------------------------------------------------------------------------

@@ -105,9 +105,8 @@ def plan_segments(config: ModelConfig) -> tuple[Segment, ...]:
 
 def _attention(config: ModelConfig, dtype, ctx: 'StepContext', window: Array, rope_index: Array):
   cos, sin = ctx.rope(rope_index)
-  mask = layers.attention_mask(ctx.valid, window)
   attn = layers.Attention(config, dtype, name='self_attn')
-  return lambda h: attn(h, cos, sin, mask)
+  return lambda h: attn(h, cos, sin, ctx.valid, window)
 
 
 def _linear_attention(config: ModelConfig, dtype, ctx: 'StepContext', window: Array, rope_index: Array):
