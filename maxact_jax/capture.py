@@ -150,11 +150,17 @@ class ReduceTaps(GroupHandler):
   Taps of one layer that share a shape and a kind (e.g. attn_output,
   mlp_output and hidden, all [B, T, D]) are stacked and reduced by one
   vmapped `stats.tap_partial`.
+
+  With `anatomy`, the residual stream (`hidden`) also keeps its per-channel
+  max |x| and per-token Sun flags (`stats.ANATOMY_KEYS`). They are computed
+  for the whole group it shares with attn_output and mlp_output (a max and a
+  flag: cheaper than a second vmapped group) and dropped for those.
   """
 
-  def __init__(self, valid: Array, top_k: int = stats.TOP_K):
+  def __init__(self, valid: Array, top_k: int = stats.TOP_K, anatomy: bool = False):
     self.valid = valid
     self.top_k = top_k
+    self.anatomy = anatomy
 
   def reduce(self, calls, values):
     groups: dict[tuple, list[int]] = {}
@@ -163,18 +169,23 @@ class ReduceTaps(GroupHandler):
       groups.setdefault((full, x.shape, x.dtype), []).append(i)
     out: list[Any] = [None] * len(calls)
     for (full, _, _), members in groups.items():
-      fn = lambda x, full=full: stats.tap_partial(x, self.valid, full=full, top_k=self.top_k)
+      keep = {i for i in members if self.anatomy and full and calls[i].in_layer and calls[i].suffix == 'hidden'}
+      fn = lambda x, full=full, anatomy=bool(keep): stats.tap_partial(
+          x, self.valid, full=full, top_k=self.top_k, anatomy=anatomy)
       if len(members) == 1:
         out[members[0]] = fn(values[members[0]])
-        continue
-      stacked = jax.vmap(fn)(jnp.stack([values[i] for i in members]))
-      for j, i in enumerate(members):
-        out[i] = jax.tree_util.tree_map(lambda a, j=j: a[j], stacked)
+      else:
+        stacked = jax.vmap(fn)(jnp.stack([values[i] for i in members]))
+        for j, i in enumerate(members):
+          out[i] = jax.tree_util.tree_map(lambda a, j=j: a[j], stacked)
+      for i in members:
+        if keep and i not in keep:
+          out[i] = {k: v for k, v in out[i].items() if k not in stats.ANATOMY_KEYS}
     return out
 
 
-def reduce_handler(valid: Array, top_k: int = stats.TOP_K) -> ReduceTaps:
-  return ReduceTaps(valid, top_k)
+def reduce_handler(valid: Array, top_k: int = stats.TOP_K, anatomy: bool = False) -> ReduceTaps:
+  return ReduceTaps(valid, top_k, anatomy)
 
 
 def raw_handler(dtype=jnp.float32) -> Handler:
