@@ -217,7 +217,15 @@ def plant_outlier(model, *, layer: int, channel: int, token_id: int, unit: int =
   (about 1436 for the defaults) into the residual channel for the trigger,
   and at most about 70 for any other token of the built-in corpus in the demo
   (their projection stays under a quarter of the trigger's; a negative
-  projection gives at most 0.48 * strength through silu's dip).
+  projection gives at most 0.48 * strength through silu's dip). Without a
+  bias the unit still writes a background of a few units into the channel
+  for ordinary tokens (their small projections, squared by gate * up).
+
+  When the MLP has biases (llama's `mlp_bias`), the gate gets a threshold
+  instead: pre-activation fire + gain * (r - 1) with gain = 4 * fire, where r
+  is the token's projection relative to the trigger's. The trigger still gets
+  `fire`; a token at r = 0.25 gets -12 * fire / 6, where silu is ~0, so the
+  background vanishes too.
   """
   import torch  # pylint: disable=import-outside-toplevel
 
@@ -237,7 +245,13 @@ def plant_outlier(model, *, layer: int, channel: int, token_id: int, unit: int =
   scale = fire / float(states[is_trigger].mean(0) @ direction)
   with torch.no_grad():
     mlp = decoder.mlp
-    mlp.gate_proj.weight[unit] = direction * scale
+    if mlp.gate_proj.bias is not None:
+      gain = 4.0 * fire
+      mlp.gate_proj.weight[unit] = direction * scale * gain / fire
+      mlp.gate_proj.bias[unit] = fire - gain
+      mlp.up_proj.bias[unit] = 0.0
+    else:
+      mlp.gate_proj.weight[unit] = direction * scale
     mlp.up_proj.weight[unit] = direction * scale
     mlp.down_proj.weight[:, unit] = 0.0
     mlp.down_proj.weight[channel, unit] = strength
