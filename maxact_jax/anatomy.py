@@ -275,6 +275,7 @@ def take_flags(partials: dict[str, dict[str, Any]]) -> dict[int, np.ndarray]:
 
 RULES = ('sun', 'mad')
 MAD_SCALE = 1.4826  # MAD of a normal distribution -> its standard deviation
+MEAN_AD_SCALE = 1.2533  # mean absolute deviation of a normal -> its standard deviation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,9 +319,14 @@ def channel_mask(absmax: np.ndarray, medians: np.ndarray, rule: ChannelRule) -> 
   if rule.kind == 'sun':
     return (a > rule.t_val) & (a > rule.t_ratio * np.asarray(medians, np.float64)[:, None])
   med = np.median(a, axis=1, keepdims=True)
-  mad = np.median(np.abs(a - med), axis=1, keepdims=True)
+  dev = np.abs(a - med)
+  # Half the channels or more at the median (MAD = 0): the mean absolute
+  # deviation stands in, scaled to a normal's standard deviation (Iglewicz and
+  # Hoaglin's fallback); a layer of identical channels flags none.
+  scale = np.median(dev, axis=1, keepdims=True) * MAD_SCALE
+  scale = np.where(scale > 0, scale, dev.mean(axis=1, keepdims=True) * MEAN_AD_SCALE)
   with np.errstate(divide='ignore', invalid='ignore'):
-    z = np.where(mad > 0, (a - med) / (MAD_SCALE * mad), np.where(a > med, np.inf, 0.0))
+    z = np.where(scale > 0, (a - med) / scale, 0.0)
   return z > rule.mad_k
 
 
@@ -376,24 +382,22 @@ def layer_medians(doc: Mapping[str, Any], layers: Sequence[int]) -> np.ndarray:
   return np.array([float(per.get(f'layer_{l}_hidden', {}).get('abs_median', math.nan)) for l in layers])
 
 
-def layerwise_top(doc: Mapping[str, Any], top_doc: Mapping[str, Any] | None) -> dict[str, list]:
-  """Per residual layer: the top-1/2/3 |x| over the corpus and the median |x| (Sun et al.'s figure 2)."""
-  per = doc.get('per_layer_stats', {})
-  tops = (top_doc or {}).get('per_layer_stats', {})
-  out: dict[str, list] = {'layer': [], 'top1': [], 'top2': [], 'top3': [], 'median': []}
-  for name in per:
-    layer = hidden_layer(name)
-    if layer is None:
-      continue
-    vals = list((tops.get(name) or per[name]).get('topk_abs') or (tops.get(name) or {}).get('top5_abs') or [])
-    if len(vals) < 3:
-      continue
-    out['layer'].append(layer)
-    for k in range(3):
-      out[f'top{k + 1}'].append(float(vals[k]))
-    out['median'].append(float(per[name].get('abs_median', math.nan)))
-  order = np.argsort(out['layer'])
-  return {k: [v[i] for i in order] for k, v in out.items()}
+def layerwise_top(layers: Sequence[int], absmax: np.ndarray, medians: np.ndarray) -> dict[str, list]:
+  """Per residual layer: the three largest per-channel max |x| (and their channels) and the median |x|.
+
+  Sun et al.'s figure 2 compares the top-1/2/3 |x| of a sequence with the
+  median; over a corpus the top elements repeat one (token, channel) pair
+  (BOS at position 0 has the same state in every sample), so the top three
+  *channels* are compared instead: a massive activation is one or a few
+  channels far above the rest.
+  """
+  out: dict[str, list] = {'layer': [int(l) for l in layers], 'median': [float(m) for m in medians]}
+  order = np.argsort(-np.asarray(absmax), axis=1, kind='stable')[:, :3]
+  for k in range(3):
+    has = order.shape[1] > k
+    out[f'top{k + 1}'] = [float(absmax[i, order[i, k]]) if has else None for i in range(len(layers))]
+    out[f'top{k + 1}_channel'] = [int(order[i, k]) if has else None for i in range(len(layers))]
+  return out
 
 
 def residual_peaks(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -412,7 +416,7 @@ def residual_peaks(doc: Mapping[str, Any]) -> list[dict[str, Any]]:
 def paths(output_dir: str, model_name: str) -> dict[str, str]:
   json_dir = os.path.join(output_dir, 'json')
   return {k: os.path.join(json_dir, model_name + suffix) for k, suffix in (
-      ('activation', '_activation_stats.json'), ('top5', '_top5_stats.json'), ('anatomy', ANATOMY_SUFFIX),
+      ('activation', '_activation_stats.json'), ('anatomy', ANATOMY_SUFFIX),
       ('channels', CHANNELS_SUFFIX), ('surface', SURFACE_SUFFIX))}
 
 
@@ -434,7 +438,7 @@ def read_channels(path: str) -> tuple[list[int], np.ndarray, np.ndarray]:
     raise UserError(f'cannot read per-channel maxima from {path}: {e}') from None
 
 
-def build_doc(doc: Mapping[str, Any], top_doc: Mapping[str, Any] | None, layers: Sequence[int],
+def build_doc(doc: Mapping[str, Any], layers: Sequence[int],
               absmax: np.ndarray, medians: np.ndarray, rule: ChannelRule,
               tokens: Mapping[str, Any] | None) -> dict[str, Any]:
   """The anatomy document of one model (see the module docstring)."""
@@ -447,14 +451,13 @@ def build_doc(doc: Mapping[str, Any], top_doc: Mapping[str, Any] | None, layers:
   out['residual_peaks'] = residual_peaks(doc)
   out['outlier_channels'] = outlier_channels(layers, absmax, medians, rule) if len(layers) else None
   out['token_attribution'] = tokens
-  out['layerwise'] = layerwise_top(doc, top_doc)
+  out['layerwise'] = layerwise_top(layers, absmax, medians)
   out['files'] = {'channel_absmax': f'{name}{CHANNELS_SUFFIX}'}
   return out
 
 
-def write_measure_outputs(output_dir: str, doc: Mapping[str, Any], top_doc: Mapping[str, Any],
-                          taps: Mapping[str, stats.TapStats], attribution: TokenAttribution | None,
-                          corpus: data.Corpus, table: TokenTable, rule: ChannelRule = ChannelRule()
+def write_measure_outputs(output_dir: str, doc: Mapping[str, Any], taps: Mapping[str, stats.TapStats],
+                          attribution: TokenAttribution | None, corpus: data.Corpus, table: TokenTable, rule: ChannelRule = ChannelRule()
                           ) -> tuple[str, str] | None:
   """After `measure`: `<model>_channel_absmax.npz` and `<model>_anatomy.json` beside the results."""
   layers, absmax = channel_matrix(taps)
@@ -466,7 +469,7 @@ def write_measure_outputs(output_dir: str, doc: Mapping[str, Any], top_doc: Mapp
   write_npz(p['channels'], channel_absmax=absmax, layers=np.asarray(layers, np.int32),
             abs_median=medians.astype(np.float64))
   tokens = attribution.summary(corpus, table, int(doc['num_hidden_layers'])) if attribution else None
-  results.atomic_write_json(p['anatomy'], build_doc(doc, top_doc, layers, absmax, medians, rule, tokens))
+  results.atomic_write_json(p['anatomy'], build_doc(doc, layers, absmax, medians, rule, tokens))
   return p['channels'], p['anatomy']
 
 
@@ -569,8 +572,9 @@ def plot_surface(surf: Mapping[str, Any], model_name: str) -> bytes:
     bx.set_yticks(positions)
     bx.set_yticklabels([f'{p} {(_label(x, int(i)))[:14]}' for p, x, i in zip(positions, texts, surf['token_ids'])],
                        fontsize=7)
-  bx.annotate(f'channel {pc}', xy=(pc, positions[pt]), xytext=(0.55, 0.12), textcoords='axes fraction',
-              color='white', fontsize=10, arrowprops={'arrowstyle': '->', 'color': 'white'})
+  bx.annotate(f'channel {pc}', xy=(pc, positions[pt]), textcoords='offset points', color='white', fontsize=10,
+              xytext=(25 if pc < d / 2 else -95, -30 if pt < t / 2 else 30),
+              arrowprops={'arrowstyle': '->', 'color': 'white'})
   fig.colorbar(img, ax=bx, label='log10 |x|')
   bx.set_title('the same as a heat map (log colour scale)', fontsize=10)
   fig.suptitle(f'{model_name}: sample {surf["sample"]}, layer {surf["layer"]}. Peak: {peak_label}', fontsize=11)
@@ -578,7 +582,9 @@ def plot_surface(surf: Mapping[str, Any], model_name: str) -> bytes:
 
 
 def plot_layerwise(layerwise: Mapping[str, Sequence[float]], model_name: str) -> bytes | None:
-  """Sun et al.'s figure 2: the top-1/2/3 |x| of each layer's output against its median, log scale."""
+  """Sun et al.'s figure 2 over a corpus: the three largest per-channel max |x| of each layer's
+  output against its median |x|, log scale."""
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
   from maxact_jax import report  # pylint: disable=import-outside-toplevel
 
   if not layerwise.get('layer'):
@@ -590,10 +596,20 @@ def plot_layerwise(layerwise: Mapping[str, Sequence[float]], model_name: str) ->
                      ('top3', dict(color='#fddbc7', marker='^', markeredgecolor='#999')),
                      ('median', dict(color='#2166ac', marker='.', linestyle='--'))):
     ys = [v if v and v > 0 else math.nan for v in layerwise[key]]
-    ax.plot(layers, ys, linewidth=1.6, label={'median': 'median |x|'}.get(key, f'top {key[-1]} |x|'), **style)
+    ax.plot(layers, ys, linewidth=1.6, label={'median': 'median |x| (all elements)'}.get(
+        key, f'top-{key[-1]} channel: its max |x|'), **style)
+  # Name the top channel where it changes (and at the peak layer).
+  tops, chans = layerwise['top1'], layerwise['top1_channel']
+  for i, (layer, v, c) in enumerate(zip(layers, tops, chans)):
+    if v and (i == 0 or chans[i - 1] != c):
+      ax.annotate(f'ch {c}', (layer, v), textcoords='offset points', xytext=(4, 6), fontsize=8, color='#b2182b')
   report._log_axis(ax, '|x| in the residual stream (layer output)')  # pylint: disable=protected-access
+  peak = max((v for v in tops if v), default=None)
+  if peak:
+    ax.set_ylim(top=peak * 4)  # room for the channel labels
   ax.set_xlabel('layer')
-  ax.set_title(f'{model_name}: largest |activations| per layer against the median')
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  ax.set_title(f'{model_name}: the three largest channels per layer against the median')
   ax.legend(loc='best', fontsize=9)
   return report._png(fig)  # pylint: disable=protected-access
 
@@ -601,6 +617,7 @@ def plot_layerwise(layerwise: Mapping[str, Sequence[float]], model_name: str) ->
 def plot_channels(layers: Sequence[int], absmax: np.ndarray, channels: Sequence[Mapping[str, Any]],
                   model_name: str, label_top: int = 8) -> bytes | None:
   """The per-channel max |x| of every layer's output as a heat map (layers x channels, log colour)."""
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
   from maxact_jax import report  # pylint: disable=import-outside-toplevel
 
   if not len(layers):
@@ -616,6 +633,7 @@ def plot_channels(layers: Sequence[int], absmax: np.ndarray, channels: Sequence[
   ax.set_xlim(-0.5, d - 0.5)
   ax.set_xlabel('residual channel' + (f' (max over blocks of {block})' if block > 1 else ''))
   ax.set_ylabel('layer')
+  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
   fig.colorbar(img, ax=ax, label='log10 of the max |x| over the corpus')
   top = [c['channel'] for c in channels[:label_top]]
   if top:
@@ -684,13 +702,12 @@ def run_anatomy(opts: AnatomyOptions) -> AnatomyResult:
   name = results.model_name_of(opts.model_path)
   p = paths(opts.output_dir, name)
   doc = _read_json(p['activation'], 'measure result')
-  top_doc = _read_json(p['top5'], 'top-K result') if os.path.isfile(p['top5']) else None
   anat = _read_json(p['anatomy'], 'anatomy file (written by measure)')
   if not os.path.isfile(p['channels']):
     raise UserError(f'no per-channel maxima at {p["channels"]}: run `maxact-jax measure` first')
   layers, absmax, medians = read_channels(p['channels'])
   anat['outlier_channels'] = outlier_channels(layers, absmax, medians, opts.rule)
-  anat['layerwise'] = layerwise_top(doc, top_doc)
+  anat['layerwise'] = layerwise_top(layers, absmax, medians)
   views_dir = os.path.join(opts.output_dir, 'anatomy')
   os.makedirs(views_dir, exist_ok=True)
   views: dict[str, str] = {}
@@ -726,7 +743,8 @@ def run_anatomy(opts: AnatomyOptions) -> AnatomyResult:
     texts = tokenizer.decode_each(surf['token_ids']) if tokenizer else None
     surf.update(sample=sample, layer=layer)
     write_npz(p['surface'], abs=surf['abs'], positions=surf['positions'], token_ids=surf['token_ids'],
-              sample=np.int64(sample), layer=np.int64(layer))
+              sample=np.int64(sample), layer=np.int64(layer),
+              **({'tokens': np.array(texts, dtype=str)} if texts else {}))
     pt, pc = np.unravel_index(int(np.argmax(surf['abs'])), surf['abs'].shape)
     anat['surface'] = {'sample': sample, 'layer': layer, 'positions': [int(surf['positions'][0]),
                                                                         int(surf['positions'][-1])],

@@ -323,7 +323,7 @@ def measure(opts: MeasureOptions) -> Measurement:
                                          describe=describer(corpus, tokenizer), run_info=run_info)
   paths = results.write_documents(opts.output_dir, name, doc, top_doc)
   table = anatomy.TokenTable.build(config.vocab_size, tokenizer, anatomy.bos_token_id(opts.model_path, tokenizer))
-  anatomy_paths = anatomy.write_measure_outputs(opts.output_dir, doc, top_doc, acc.taps, acc.attribution, corpus,
+  anatomy_paths = anatomy.write_measure_outputs(opts.output_dir, doc, acc.taps, acc.attribution, corpus,
                                                 table)
   if os.path.exists(state_file):
     os.remove(state_file)  # the results are complete: nothing left to resume
