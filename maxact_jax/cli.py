@@ -21,6 +21,8 @@ COMMANDS = {
     'bootstrap': ('maxact_jax.commands.bootstrap', 'write category-stratified random subsets of a corpus'),
     'quant': ('maxact_jax.commands.quant', 'INT8/FP8 fake-quantization error at the peak (or chosen) taps'),
     'sweep': ('maxact_jax.commands.sweep', 'measure a list of configs (skipping finished ones), then report'),
+    'anatomy': ('maxact_jax.commands.anatomy', 'outlier channels, the tokens that carry them, and their views'),
+    'intervene': ('maxact_jax.commands.intervene', 'replace residual channels; the change in loss and KL'),
 }
 EXIT_USAGE = 2
 
