@@ -126,20 +126,24 @@ def full_stats_for(suffix: str, in_layer: bool) -> bool:
   return stats.is_activation_tap(name)
 
 
-def reduce_handler(valid: Array, top_k: int = stats.TOP_K) -> Handler:
+def reduce_handler(valid: Array, top_k: int = stats.TOP_K, anatomy: bool = False) -> Handler:
   """Sow each tap's on-device statistics (the measurement step).
 
   Each tap is reduced where it is produced, so XLA can free the activation
   right after (stacking a layer's same-shaped taps into one vmapped reduction
   was measured slower on CPU: 1.51x vs 1.33x the bare forward pass, and a
   longer compile).
+
+  With `anatomy`, the residual stream (`hidden`) also keeps its per-channel
+  max |x| and per-token Sun flags (`stats.ANATOMY_KEYS`).
   """
 
   def handle(call: TapCall, x: Array):
     if call.suffix in STRUCTURED_TAPS:
       return x, STRUCTURED_TAPS[call.suffix](x, valid)
     full = full_stats_for(call.suffix, call.in_layer) and x.ndim == 3
-    return x, stats.tap_partial(x, valid, full=full, top_k=top_k)
+    keep = anatomy and full and call.in_layer and call.suffix == 'hidden'
+    return x, stats.tap_partial(x, valid, full=full, top_k=top_k, anatomy=keep)
 
   return handle
 

@@ -24,6 +24,8 @@ COMMANDS = {
     'convert': ('maxact_jax.commands.convert', 'convert a checkpoint once to an orbax model directory'),
     'bench': ('maxact_jax.commands.bench', 'statistics overhead, speed, and the PyTorch pipeline, in one run'),
     'plan': ('maxact_jax.commands.plan', 'size a run from config.json: parameters, taps, memory, layout'),
+    'anatomy': ('maxact_jax.commands.anatomy', 'outlier channels, the tokens that carry them, and their views'),
+    'intervene': ('maxact_jax.commands.intervene', 'replace residual channels; the change in loss and KL'),
 }
 EXIT_USAGE = 2
 

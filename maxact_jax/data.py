@@ -204,6 +204,17 @@ class Tokenizer:
   def decode_token(self, token_id: int) -> str:
     return self._tok.decode([int(token_id)], skip_special_tokens=False)
 
+  def decode_each(self, ids: Sequence[int]) -> list[str]:
+    """The text of each token on its own (special tokens kept), in one batch call."""
+    return self._tok.decode_batch([[int(i)] for i in ids], skip_special_tokens=False)
+
+  def token_id(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)
+
+  def special_ids(self) -> set[int]:
+    """Ids of the tokenizer's special added tokens (BOS, EOS, padding, chat markers)."""
+    return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
   def cut(self, texts: Sequence[str], budgets: Sequence[int]) -> list[str]:
     """Each text cut at a token boundary so that it encodes to about `budget` tokens, specials included.
 

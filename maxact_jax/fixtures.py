@@ -230,19 +230,44 @@ class PlantedOutlier:
 
 
 def plant_outlier(model, *, layer: int, channel: int, token_id: int, unit: int = 0,
-                  strength: float = 40.0, fire: float = 6.0, probe_ids: list[list[int]] | None = None) -> PlantedOutlier:
-  """Make MLP unit `unit` of `layer` fire on `token_id` and write into `channel`.
+                  strength: float = 40.0, fire: float = 6.0, marker_scale: float = 30.0,
+                  probe_ids: list[list[int]] | None = None) -> PlantedOutlier:
+  """Make MLP unit `unit` of `layer` fire on `token_id` only and write into `channel`.
 
-  The unit's gate and up rows are set along the mean direction of the trigger
-  token's normalised hidden state entering that MLP (measured on `probe_ids`),
-  scaled so the trigger's pre-activation is about `fire`; every other token
-  sees a small random projection. down_proj[channel, unit] = strength then
-  puts about silu(fire) * fire * strength into the residual channel for the
-  trigger token only.
+  In a random-init model the attention outputs dominate every token's
+  residual stream and are shared mixtures, so no direction of the normalised
+  hidden state separates one token from the rest by much: a unit aligned with
+  the trigger's mean state also fires on many ordinary tokens (10% of the
+  built-in corpus's tokens at the demo's layer 2 passed Sun's criterion).
+  Two steps make the trigger stand apart, as a trained BOS does:
+
+  1. the trigger's embedding row is scaled by `marker_scale`, so that its own
+     residual stream is dominated by its embedding (other tokens see it only
+     through the normalised attention values, which do not scale);
+  2. the unit's gate and up rows point along the trigger's mean normalised
+     state minus the mean state of every other token (measured on
+     `probe_ids`), so the component common to all tokens does not fire it.
+
+  The rows are scaled so the trigger's pre-activation is `fire`;
+  down_proj[channel, unit] = strength then puts silu(fire) * fire * strength
+  (about 1436 for the defaults) into the residual channel for the trigger,
+  and at most about 70 for any other token of the built-in corpus in the demo
+  (their projection stays under a quarter of the trigger's; a negative
+  projection gives at most 0.48 * strength through silu's dip). Without a
+  bias the unit still writes a background of a few units into the channel
+  for ordinary tokens (their small projections, squared by gate * up).
+
+  When the MLP has biases (llama's `mlp_bias`), the gate gets a threshold
+  instead: pre-activation fire + gain * (r - 1) with gain = 4 * fire, where r
+  is the token's projection relative to the trigger's. The trigger still gets
+  `fire`; a token at r = 0.25 gets -12 * fire / 6, where silu is ~0, so the
+  background vanishes too.
   """
   import torch  # pylint: disable=import-outside-toplevel
 
   decoder = model.model.layers[layer]
+  with torch.no_grad():
+    model.model.embed_tokens.weight[token_id] *= marker_scale
   captured = []
   hook = decoder.post_attention_layernorm.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
   probe_ids = probe_ids or [[token_id] + list(range(3, 40))]
@@ -250,12 +275,19 @@ def plant_outlier(model, *, layer: int, channel: int, token_id: int, unit: int =
     for ids in probe_ids:
       model(input_ids=torch.tensor([ids]))
   hook.remove()
-  vecs = [h[0][torch.tensor(ids) == token_id] for h, ids in zip(captured, probe_ids)]
-  direction = torch.cat(vecs).mean(0)
-  scale = fire / float(direction.norm() ** 2)
+  states = torch.cat([h[0] for h in captured])
+  is_trigger = torch.cat([torch.tensor(ids) == token_id for ids in probe_ids])
+  direction = states[is_trigger].mean(0) - states[~is_trigger].mean(0)
+  scale = fire / float(states[is_trigger].mean(0) @ direction)
   with torch.no_grad():
     mlp = decoder.mlp
-    mlp.gate_proj.weight[unit] = direction * scale
+    if mlp.gate_proj.bias is not None:
+      gain = 4.0 * fire
+      mlp.gate_proj.weight[unit] = direction * scale * gain / fire
+      mlp.gate_proj.bias[unit] = fire - gain
+      mlp.up_proj.bias[unit] = 0.0
+    else:
+      mlp.gate_proj.weight[unit] = direction * scale
     mlp.up_proj.weight[unit] = direction * scale
     mlp.down_proj.weight[:, unit] = 0.0
     mlp.down_proj.weight[channel, unit] = strength
@@ -269,6 +301,8 @@ DEMO_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, n
                   num_key_value_heads=4, head_dim=32)
 DEMO_OUTLIER = dict(layer=2, channel=37, unit=11)
 DEMO_INFO = 'maxact_demo.json'
+# 2: the planted unit fires on BOS only (marker embedding, direction against the mean).
+DEMO_VERSION = 2
 
 
 def build_demo_checkpoint(out_dir: str, model_type: str = 'qwen3', seed: int = 0) -> str:
@@ -287,7 +321,8 @@ def build_demo_checkpoint(out_dir: str, model_type: str = 'qwen3', seed: int = 0
   planted = plant_outlier(model, token_id=bos, probe_ids=probes, **DEMO_OUTLIER)
   save_checkpoint(model, tmp)
   with open(os.path.join(tmp, DEMO_INFO), 'w') as f:
-    json.dump({'planted_outlier': planted.to_json(), 'seed': seed, 'model_type': model_type}, f, indent=2)
+    json.dump({'planted_outlier': planted.to_json(), 'seed': seed, 'model_type': model_type,
+               'version': DEMO_VERSION}, f, indent=2)
   if os.path.exists(out_dir):
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(out_dir)
@@ -303,7 +338,7 @@ def demo_checkpoint_dir() -> str:
 
 def ensure_demo_checkpoint(path: str | None = None) -> str:
   path = path or demo_checkpoint_dir()
-  if not os.path.isfile(os.path.join(path, DEMO_INFO)):
+  if demo_version(path) != DEMO_VERSION:  # missing, or built by an older version: (re)build
     try:
       import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
@@ -312,6 +347,15 @@ def ensure_demo_checkpoint(path: str | None = None) -> str:
     print(f'building the demo checkpoint in {path} (once) ...', flush=True)
     build_demo_checkpoint(path)
   return path
+
+
+def demo_version(model_dir: str) -> int | None:
+  """The version of the demo checkpoint in `model_dir` (None when there is none; 1 before versions)."""
+  path = os.path.join(model_dir, DEMO_INFO)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get('version', 1)
 
 
 def planted_info(model_dir: str) -> dict | None:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import capture, data, parallel, results, runstate, stats
+from maxact_jax import anatomy, capture, data, parallel, results, runstate, stats
 from maxact_jax.config import ModelConfig, load_config, read_config_json
 from maxact_jax.errors import UserError
 from maxact_jax.models import transformer
@@ -28,10 +28,15 @@ from maxact_jax.models import transformer
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float16}
 
 
-def make_stats_step(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K) -> Callable:
+def make_stats_step(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K,
+                    with_anatomy: bool = True) -> Callable:
   """jit(params, input_ids [B,T], valid [B,T]) -> the sown `taps` tree of partials (one device;
-  `parallel.make_step` builds it for every layout)."""
-  return jax.jit(parallel.stats_body(config, dtype, top_k))
+  `parallel.make_step` builds it for every layout).
+
+  `with_anatomy`: the residual stream's partials also carry its per-channel max |x|
+  and per-token Sun flags (see `maxact_jax.anatomy`).
+  """
+  return jax.jit(parallel.stats_body(config, dtype, top_k, with_anatomy))
 
 
 def make_forward(config: ModelConfig, dtype: Any) -> Callable:
@@ -41,16 +46,19 @@ def make_forward(config: ModelConfig, dtype: Any) -> Callable:
 
 
 class Accumulator:
-  """Host-side merge of per-batch partials into one TapStats per tap."""
+  """Host-side merge of per-batch partials into one TapStats per tap, and the
+  residual stream's per-token flags into the token attribution."""
 
   def __init__(self, config: ModelConfig):
     self.config = config
     self.taps: dict[str, stats.TapStats] = {}
+    self.attribution = anatomy.TokenAttribution()
     self.batches = 0
     self.tokens = 0
 
   def add(self, sown: Any, batch: data.Batch) -> None:
     partials = capture.collect(self.config, jax.device_get(sown))
+    self.attribution.add(anatomy.take_flags(partials), batch.input_ids, batch.valid)
     n_tokens = batch.num_tokens
     for name, partial in partials.items():
       tap = self.taps.get(name)
@@ -192,6 +200,7 @@ class Measurement:
   top_doc: dict
   paths: tuple[str, str]
   timings: dict[str, float]
+  anatomy_paths: tuple[str, str] | None = None  # <model>_channel_absmax.npz, <model>_anatomy.json
 
 
 def load_params(model_path: str, config: ModelConfig, dtype_name: str, step: parallel.Step | None = None) -> Any:
@@ -275,6 +284,7 @@ def measure(opts: MeasureOptions) -> Measurement:
   if opts.resume:
     start, acc.taps, extra = runstate.load(state_file, fingerprint)
     acc.batches, acc.tokens = start, int(extra.get('tokens', 0))
+    acc.attribution = anatomy.TokenAttribution.from_state(extra.get('attribution', {}))
   timings['data_s'] = time.perf_counter() - t0
   from maxact_jax import plan as planner  # pylint: disable=import-outside-toplevel
   layout = planner.resolve_layout(opts.parallelism, opts.mesh_shape, config, DTYPES[opts.dtype], opts.batch_size,
@@ -299,7 +309,7 @@ def measure(opts: MeasureOptions) -> Measurement:
     done = index + 1
     if writer and opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < len(plan.groups):
       runstate.save(state_file, fingerprint_=fingerprint, next_batch=done, taps=acc.taps,
-                    extra={'tokens': acc.tokens})
+                    extra={'tokens': acc.tokens, 'attribution': acc.attribution.state()})
 
   bar = _progress(corpus.num_tokens, name, initial=acc.tokens) if opts.progress and writer else None
   t0 = time.perf_counter()
@@ -315,6 +325,8 @@ def measure(opts: MeasureOptions) -> Measurement:
       'tool': 'maxact-jax',
       'dtype': opts.dtype,
       'batch_size': opts.batch_size,
+      'max_samples': opts.max_samples,
+      'source_tokenizer': opts.source_tokenizer,
       'batch_shapes': [list(s) for s in plan.shapes],
       'num_batches': len(plan.groups),
       'resumed_at_batch': start,
@@ -334,12 +346,14 @@ def measure(opts: MeasureOptions) -> Measurement:
   }
   doc, top_doc = results.build_documents(header=header(opts, config, corpus), taps=acc.taps,
                                          describe=describer(corpus, tokenizer), run_info=run_info)
-  paths = ('', '')
+  paths, anatomy_paths = ('', ''), None
   if writer:  # every process holds the same merged statistics; one writes them
     paths = results.write_documents(opts.output_dir, name, doc, top_doc)
+    table = anatomy.TokenTable.build(config.vocab_size, tokenizer, anatomy.bos_token_id(opts.model_path, tokenizer))
+    anatomy_paths = anatomy.write_measure_outputs(opts.output_dir, doc, acc.taps, acc.attribution, corpus, table)
     if os.path.exists(state_file):
       os.remove(state_file)  # the results are complete: nothing left to resume
-  return Measurement(config, acc, corpus, plan, doc, top_doc, paths, timings)
+  return Measurement(config, acc, corpus, plan, doc, top_doc, paths, timings, anatomy_paths)
 
 
 def _progress(total: int, name: str, initial: int = 0):

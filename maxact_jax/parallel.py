@@ -181,12 +181,13 @@ def param_spec(config: ModelConfig, path: Sequence[str], shape: Sequence[int], s
 # The step.
 
 
-def stats_body(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K) -> Callable:
-  """(params, input_ids [B, T], valid [B, T]) -> the sown `taps` tree of partials (not jitted)."""
+def stats_body(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K, anatomy: bool = True) -> Callable:
+  """(params, input_ids [B, T], valid [B, T]) -> the sown `taps` tree of partials (not jitted);
+  `anatomy`: the residual stream's partials also carry the outlier-anatomy extras."""
   model = transformer.build(config, dtype)
 
   def body(params, input_ids, valid):
-    with nn.intercept_methods(capture.interceptor(capture.reduce_handler(valid, top_k))):
+    with nn.intercept_methods(capture.interceptor(capture.reduce_handler(valid, top_k, anatomy))):
       _, sown = model.apply({'params': params}, input_ids, valid, mutable=[capture.COLLECTION])
     return sown[capture.COLLECTION]
 

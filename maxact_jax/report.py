@@ -9,7 +9,12 @@ the matching `*_top5_stats.json` beside it, and writes
   pairs with their peak ratio, how many models carry their maximum in the
   residual stream, and the top-K scan;
 - `report.md` and `report.html` (self-contained, images referenced relatively);
-- PNG plots: `residual_layerwise.png`, `component_peaks.png`, `topk_scan.png`.
+- PNG plots: `residual_layerwise.png`, `component_peaks.png`, `topk_scan.png`;
+- per model whose anatomy files sit beside its results (`maxact-jax measure`
+  writes `<model>_anatomy.json` and `<model>_channel_absmax.npz`,
+  `maxact-jax anatomy` adds `<model>_surface.npz`): an "Outlier anatomy"
+  section (outlier channels, the tokens that carry the massive activations)
+  with `anatomy_<model>_{layerwise,channels,surface}.png`.
 
 `build_summary` holds all the numbers; `write_report` only renders them, so a
 summary.json can be re-rendered without the result files. The plots use
@@ -572,6 +577,134 @@ def topk_scan(data: Mapping[str, Any], num_layers: int | None = None) -> dict[st
 
 
 # ---------------------------------------------------------------------------
+# Outlier anatomy (files written by `maxact-jax measure` and `maxact-jax anatomy`).
+
+N_ANATOMY_CHANNELS = 12
+N_ANATOMY_TOKENS = 8
+ANATOMY_VIEWS = ('layerwise', 'channels', 'surface')
+
+
+def anatomy_entry(path: Path, results_dir: Path) -> dict[str, Any] | None:
+  """The anatomy of the model of an activation-stats file, condensed; None without an anatomy file."""
+  from maxact_jax import anatomy  # pylint: disable=import-outside-toplevel
+
+  stem = path.name[:-len(ACTIVATION_SUFFIX)]
+  apath = path.with_name(stem + anatomy.ANATOMY_SUFFIX)
+  if not apath.is_file():
+    return None
+  a = _load_json(apath)
+  if not isinstance(a, dict):
+    raise UserError(f'{apath}: expected a JSON object at the top level')
+  rel = lambda p: str(p.relative_to(results_dir)) if p.is_file() else None
+  oc = a.get('outlier_channels') or {}
+  ta = a.get('token_attribution') or {}
+  channels = oc.get('channels') or []
+  return {
+      'file': rel(apath),
+      'channels_file': rel(path.with_name(stem + anatomy.CHANNELS_SUFFIX)),
+      'surface_file': rel(path.with_name(stem + anatomy.SURFACE_SUFFIX)),
+      'global_max': a.get('global_max'),
+      'rule': (oc.get('rule') or {}).get('rule'),
+      'min_layers': oc.get('min_layers'),
+      'num_layers': oc.get('num_layers'),
+      'n_outlier_channels': len(channels),
+      'outlier_channels': channels[:N_ANATOMY_CHANNELS],
+      'tokens': {
+          'flagged': ta.get('flagged_tokens'),
+          'total': ta.get('tokens'),
+          'classes': {c: {'flagged': v.get('flagged'), 'total': v.get('total')}
+                      for c, v in (ta.get('classes') or {}).items()},
+          'top_token_ids': (ta.get('top_token_ids') or [])[:N_ANATOMY_TOKENS],
+      } if ta else None,
+      'layerwise': a.get('layerwise'),
+      'surface': a.get('surface'),
+  }
+
+
+def anatomy_plot_name(model_name: str, view: str) -> str:
+  return f'anatomy_{re.sub(r"[^A-Za-z0-9._-]", "_", model_name)}_{view}.png'
+
+
+def anatomy_plots(summary: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, bytes]:
+  """The anatomy views of one model: {file name: PNG}, from the summary and the .npz files it names."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from maxact_jax import anatomy  # pylint: disable=import-outside-toplevel
+
+  a = model.get('anatomy')
+  if not a:
+    return {}
+  name = model['model_name']
+  out = {}
+  if a.get('layerwise'):
+    png = anatomy.plot_layerwise(a['layerwise'], name)
+    if png:
+      out[anatomy_plot_name(name, 'layerwise')] = png
+  root = Path(summary['results_dir'])
+  if a.get('channels_file') and (root / a['channels_file']).is_file():
+    layers, absmax, _ = anatomy.read_channels(str(root / a['channels_file']))
+    png = anatomy.plot_channels(layers, absmax, a.get('outlier_channels') or [], name)
+    if png:
+      out[anatomy_plot_name(name, 'channels')] = png
+  if a.get('surface_file') and (root / a['surface_file']).is_file():
+    try:
+      with np.load(root / a['surface_file'], allow_pickle=False) as z:
+        surf = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+      raise UserError(f'cannot read {root / a["surface_file"]}: {e}') from None
+    surf['sample'], surf['layer'] = int(surf['sample']), int(surf['layer'])
+    if 'tokens' in surf:
+      surf['tokens'] = [str(t) for t in surf['tokens']]
+    out[anatomy_plot_name(name, 'surface')] = anatomy.plot_surface(surf, name)
+  return out
+
+
+def _anatomy_sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[tuple[str, list['_Block']]]:
+  sections = []
+  for m in summary['models']:
+    a = m.get('anatomy')
+    if not a:
+      continue
+    blocks: list[_Block] = []
+    g = a.get('global_max')
+    if g:
+      blocks.append(f'Global max {fmt_value(g.get("value"))} in `{g.get("tap")}` ({g.get("which")}): sample '
+                    f'{g.get("sample")}, position {g.get("position")}, channel {g.get("channel")}, token '
+                    f'`{g.get("token")!r}` (id {g.get("token_id")}).')
+    if a.get('rule'):
+      blocks.append(f'Outlier channels: {a["rule"]}, in at least {a["min_layers"]} of {a["num_layers"]} layers: '
+                    f'{a["n_outlier_channels"]} found' + (f' (the first {N_ANATOMY_CHANNELS} by peak)'
+                                                          if a['n_outlier_channels'] > N_ANATOMY_CHANNELS else '')
+                    + '.')
+    if a.get('outlier_channels'):
+      blocks.append(_Table(
+          ['channel', 'layers over', 'appears at', 'last over', 'gone at', 'peak magnitude', 'peak layer'],
+          [[str(c['channel']), f'{c["layers_over"]} ({c["share_of_layers"]:.0%})', f'L{c["first_layer"]}',
+            f'L{c["last_layer"]}', '—' if c['disappears_at'] is None else f'L{c["disappears_at"]}',
+            fmt_value(c['peak_abs']), f'L{c["peak_layer"]}'] for c in a['outlier_channels']]))
+    t = a.get('tokens')
+    if t and t.get('total'):
+      classes = ', '.join(f'{c} {v["flagged"]:,} of {v["total"]:,}' for c, v in t['classes'].items() if v['total'])
+      text = (f'Tokens with a massive activation (Sun et al.: max |x| > 100 and > 1000x the token\'s median) in '
+              f'at least one layer: {t["flagged"]:,} of {t["total"]:,}; by class: {classes}.')
+      if t['top_token_ids']:
+        text += ' Most often: ' + ', '.join(f'`{e["token"]!r}` ({e["flagged"]:,} of {e["occurrences"]:,})'
+                                             if e.get('token') is not None else f'id {e["token_id"]} ({e["flagged"]:,})'
+                                             for e in t['top_token_ids']) + '.'
+      blocks.append(text)
+    captions = {
+        'layerwise': 'The three largest per-channel max |x| of each layer output against its median |x| (log scale).',
+        'channels': 'Per-channel max |x| of every layer output (log colour); persistent outlier channels on top.',
+        'surface': 'Token x channel |x| of one layer output for one sample, as a surface and a heat map.',
+    }
+    for view in ANATOMY_VIEWS:
+      file = anatomy_plot_name(m['model_name'], view)
+      if file in plots:
+        blocks += [captions[view], _Image(file, f'{m["model_name"]}: {view}')]
+    sections.append((f'Outlier anatomy: {m["model_name"]}', blocks))
+  return sections
+
+
+# ---------------------------------------------------------------------------
 # The summary.
 
 
@@ -594,6 +727,7 @@ def build_summary(results_dir: str | os.PathLike[str],
   for path, top5_path in find_result_files(root):
     data = _load_json(path)
     entry = model_entry(data, path, root)
+    entry['anatomy'] = anatomy_entry(path, root)
     name = entry['model_name']
     if name in seen:
       raise UserError(f'two result files for model {name}: {seen[name]} and {path}')
@@ -779,7 +913,7 @@ def _sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[tuple[st
   if summary['no_topk']:
     scan_blocks.append('No top-K data for: ' + ', '.join(summary['no_topk']) + '.')
   sections.append(('Top-K scan', scan_blocks))
-  return sections
+  return sections + _anatomy_sections(summary, plots)
 
 
 def _layer_span(layers: Sequence[int]) -> str:
@@ -1012,6 +1146,11 @@ def write_report(summary_or_dir: Mapping[str, Any] | str | os.PathLike[str],
                      (PLOT_TOPK, plot_topk)):
     png = make(summary)
     if png is not None:
+      atomic.write_bytes(out / name, png)
+      written[name] = out / name
+      plots.append(name)
+  for m in summary['models']:
+    for name, png in anatomy_plots(summary, m).items():
       atomic.write_bytes(out / name, png)
       written[name] = out / name
       plots.append(name)

@@ -9,6 +9,8 @@ reference read our files unchanged:
   token position, token id and text, channel);
 - `moe`: per MoE layer (`layer_{i}_moe_experts`), tokens and max |output| per
   expert, the expert behind the block's largest output, router entropy;
+- in the top-K document, `topk_locations`: per tap, where each entry of its
+  `topk_abs` list sits (same fields; null for the reference's zero padding);
 - `run`: how the numbers were made (dtype, batch shapes, padding, versions).
 """
 
@@ -99,6 +101,11 @@ def build_documents(*, header: dict[str, Any], taps: dict[str, stats.TapStats],
       'global_top5_abs_mean': sum(abs_vals) / len(abs_vals) if abs_vals else 0.0,
       'per_layer_stats': top5,
   })
+  # Where each top-K entry sits, aligned with its topk_abs list (outside
+  # per_layer_stats, so the reference's per-tap entries keep their keys).
+  top_doc['topk_locations'] = {
+      name: [describe(at) if at[0] != stats.NO_SAMPLE else None for at in taps[name].locations()['topk']]
+      for name in top5}
   return doc, top_doc
 
 

@@ -23,7 +23,8 @@ import numpy as np
 from maxact_jax import atomic, stats
 from maxact_jax.errors import UserError
 
-FORMAT = 1
+# 2: the residual stream's per-channel maxima and the token attribution (maxact_jax.anatomy).
+FORMAT = 2
 
 
 def file_digest(path: str, limit: int | None = None) -> str:

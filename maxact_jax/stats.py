@@ -13,8 +13,11 @@ The contract (shared/DESIGN.md) follows the reference pipeline exactly:
   the top-100 |x| with their signed values.
 
 Beyond the reference: the location (sample, position, channel) of every
-extreme and top-K entry, and NaN/Inf counts. NaNs never enter a maximum or a
-sum; +-inf (a bf16 overflow, say) does enter the maximum and is counted.
+extreme and top-K entry, and NaN/Inf counts; with `anatomy=True` (the
+residual stream in `measure`) also the max |x| of every channel over the
+batch and Sun's per-token flag (max > 100 and ratio > 1000) of every token,
+for `maxact_jax.anatomy`. NaNs never enter a maximum or a sum; +-inf (a
+bf16 overflow, say) does enter the maximum and is counted.
 
 Ties are broken by the smallest (sample, position, channel), so the merge is
 associative and commutative: batches, devices, hosts and resumed runs combine
@@ -44,6 +47,9 @@ TINY = float(np.finfo(np.float32).tiny)
 ACTIVATION_SUFFIXES = ('_hidden', '_attn_output', '_mlp_output')
 ACTIVATION_NAMES = ('embedding_output', 'final_layernorm')
 
+# What `tap_partial(..., anatomy=True)` adds to a partial.
+ANATOMY_KEYS = ('chan_absmax', 'sun_tok')
+
 # Sample index given to coordinates that point at nothing (empty state).
 NO_SAMPLE = np.iinfo(np.int64).max
 
@@ -62,13 +68,17 @@ def _first_argmax(values: jax.Array) -> jax.Array:
   return jnp.argmax(values.reshape(-1))
 
 
-def tap_partial(x: jax.Array, valid: jax.Array, *, full: bool, top_k: int = TOP_K) -> dict[str, jax.Array]:
+def tap_partial(x: jax.Array, valid: jax.Array, *, full: bool, top_k: int = TOP_K,
+                anatomy: bool = False) -> dict[str, jax.Array]:
   """Reduce one tap's output for one batch to mergeable statistics.
 
   Args:
     x: [B, T, ...] activations, any float dtype (reduced in float32).
     valid: [B, T] bool, False on padding.
     full: also compute the Sun ratios, histogram and top-K (activation taps).
+    anatomy: with `full`, also `chan_absmax` [F] (max |x| of each channel over
+      the valid tokens, NaN left out; 0 for an empty batch) and `sun_tok`
+      [B, T] bool (the tokens that pass Sun's criterion, counted by `sun_n_pass`).
 
   Returns arrays whose leading axis is B for additive quantities (summed on the
   host in float64) and small fixed-size arrays for extremes, with coordinates
@@ -103,7 +113,7 @@ def tap_partial(x: jax.Array, valid: jax.Array, *, full: bool, top_k: int = TOP_
   if full:
     # max |x| per token (NaN excluded; a token of only NaN counts as 0).
     tok_abs = jnp.maximum(jnp.maximum(tok_max, -tok_min), 0.0)
-    out.update(_activation_partial(x, valid, tok_abs, top_k))
+    out.update(_activation_partial(x, valid, tok_abs, top_k, anatomy))
   return out
 
 
@@ -171,7 +181,7 @@ def log_histogram(a: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, 
           mask.sum(axis=axes, dtype=jnp.int32))
 
 
-def _activation_partial(x, valid, tok_abs, top_k):
+def _activation_partial(x, valid, tok_abs, top_k, anatomy=False):
   b, t, f = x.shape
   a = jnp.abs(jnp.where(jnp.isnan(x), 0.0, x))
   tok_med = lower_median(a)
@@ -184,7 +194,11 @@ def _activation_partial(x, valid, tok_abs, top_k):
     out[f'{name}_median'] = tok_med[bi, ti]
     out[f'{name}_ratio'] = ratio[bi, ti]
     out[f'{name}_at'] = jnp.stack([bi, ti]).astype(jnp.int32)
-  out['sun_n_pass'] = (valid & (tok_abs > SUN_T_VAL) & (ratio > SUN_T_RATIO)).sum(axis=1, dtype=jnp.int32)
+  sun_tok = valid & (tok_abs > SUN_T_VAL) & (ratio > SUN_T_RATIO)  # [B, T]
+  out['sun_n_pass'] = sun_tok.sum(axis=1, dtype=jnp.int32)
+  if anatomy:
+    out['sun_tok'] = sun_tok
+    out['chan_absmax'] = jnp.where(valid[:, :, None], a, 0.0).max(axis=(0, 1))  # [F]
   r = jnp.where(valid, ratio, 0.0)
   out['sun_sum_ratio'] = r.sum(axis=1)
   out['sun_sum_ratio_sq'] = (r * r).sum(axis=1)
@@ -247,6 +261,9 @@ def combine_across(partial: dict[str, jax.Array], axis_name: str, top_k: int = T
     return at.at[..., 0].add(offset)
 
   out = {k: jax.lax.all_gather(partial[k], axis_name, tiled=True) for k in ADDITIVE_FIELDS if k in partial}
+  if 'sun_tok' in partial:  # anatomy extras: per-row token flags, per-channel maxima
+    out['sun_tok'] = jax.lax.all_gather(partial['sun_tok'], axis_name, tiled=True)
+    out['chan_absmax'] = jax.lax.pmax(partial['chan_absmax'], axis_name)
   for name, sign in (('max', 1.0), ('min', -1.0)):
     out[name], out[f'{name}_at'] = first_best(partial[name] * sign, partial[name], shift(partial[f'{name}_at']))
   for name, key in (('sun_peak', 'abs'), ('sun_max_ratio', 'ratio')):
@@ -270,6 +287,10 @@ def combine_across(partial: dict[str, jax.Array], axis_name: str, top_k: int = T
 
 class TapStats:
   """The running float64 state of one tap; `update` a batch, `merge` another state."""
+
+  # max |x| per channel ([F] float32, max-merged) when the partials carry
+  # `chan_absmax`; a class default, so states saved before it existed load.
+  chan_absmax: np.ndarray | None = None
 
   def __init__(self, full: bool, top_k: int = TOP_K):
     self.full = full
@@ -324,6 +345,8 @@ class TapStats:
 
     self._take_extreme('max', float(p['max']), where(p['max_at']))
     self._take_extreme('min', float(p['min']), where(p['min_at']))
+    if 'chan_absmax' in p:
+      self._take_channels(np.asarray(p['chan_absmax'], np.float32))
     if not self.full:
       return
     self.n_tokens += int(n_tokens)
@@ -350,6 +373,9 @@ class TapStats:
       setattr(self, name, value)
       setattr(self, f'{name}_at', at)
 
+  def _take_channels(self, absmax: np.ndarray) -> None:
+    self.chan_absmax = absmax.copy() if self.chan_absmax is None else np.maximum(self.chan_absmax, absmax)
+
   def _take_sun(self, name: str, cand) -> None:
     cur = self.sun[name]
     key = 0 if name == 'sun_peak' else 2  # peak: by |x|; max_ratio: by ratio
@@ -370,6 +396,8 @@ class TapStats:
       setattr(self, name, getattr(self, name) + getattr(other, name))
     self._take_extreme('max', other.max, other.max_at)
     self._take_extreme('min', other.min, other.min_at)
+    if other.chan_absmax is not None:
+      self._take_channels(other.chan_absmax)
     if self.full:
       self.n_tokens += other.n_tokens
       for name in self.sun:

@@ -101,7 +101,8 @@ def test_measure_writes_both_files(capsys, checkpoint, ids_corpus, tmp_path):
                          f'--output_dir={tmp_path}', '--dtype=float32', '--progress=false')
   assert code == 0
   files = sorted(os.listdir(tmp_path / 'json'))
-  assert files == ['llama_activation_stats.json', 'llama_top5_stats.json']
+  assert files == ['llama_activation_stats.json', 'llama_anatomy.json', 'llama_channel_absmax.npz',
+                   'llama_top5_stats.json']
   assert 'global max activation' in out
   doc = json.loads((tmp_path / 'json' / 'llama_activation_stats.json').read_text())
   assert doc['model_type'] == 'llama' and doc['num_samples'] == 12

@@ -44,8 +44,8 @@ def test_sweep_runs_skips_and_survives_a_failure(checkpoint, ids_corpus, tmp_pat
   assert 'measured 2, skipped 0 (results exist), failed 1' in out
   json_dir = out_dir / 'json'
   names = sorted(os.listdir(json_dir))
-  assert names == ['llama_activation_stats.json', 'llama_top5_stats.json', 'qwen3_activation_stats.json',
-                   'qwen3_top5_stats.json']
+  assert names == [f'{m}_{f}' for m in ('llama', 'qwen3') for f in (
+      'activation_stats.json', 'anatomy.json', 'channel_absmax.npz', 'top5_stats.json')]
   assert not (tmp_path / 'ignored').exists()  # the sweep's --output_dir wins
   with open(out_dir / 'report' / 'summary.json') as f:
     summary = json.load(f)

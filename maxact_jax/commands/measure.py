@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from absl import flags
 
-from maxact_jax import fixtures, measure, parallel
+from maxact_jax import anatomy, fixtures, measure, parallel
 from maxact_jax.commands import common
 from maxact_jax.errors import UserError
 
@@ -87,4 +89,11 @@ def run() -> int:
   if planted:
     print(measure.planted_report(m.doc, planted))
   print(f'results: {m.paths[0]}\n         {m.paths[1]}')
+  if m.anatomy_paths:
+    with open(m.anatomy_paths[1], encoding='utf-8') as f:
+      for line in anatomy.summary_lines(json.load(f))[2:]:  # the outlier channels and the tokens
+        print(line)
+    print(f'anatomy: {m.anatomy_paths[1]}\n         {m.anatomy_paths[0]}\n'
+          f'         views and the token x channel surface: maxact-jax anatomy --model_path={model_path} '
+          f'--output_dir={opts.output_dir}')
   return 0

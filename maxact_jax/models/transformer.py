@@ -266,9 +266,16 @@ class CausalLM(nn.Module):
     h = self.model(input_ids, valid)
     if not logits:
       return h
+    return self.head(h)
+
+  def head(self, h: Array) -> Array:
+    """[..., D] final-norm output -> [..., V] logits (tied or own head, final soft-cap).
+
+    Callable on its own (`apply(..., method='head')`), e.g. on chunks of positions.
+    """
     if self.config.tie_word_embeddings:
       out = self.model.variables['params']['embed_tokens']['embedding']
-      out = jnp.einsum('BTD,VD->BTV', h, out.astype(self.dtype),
+      out = jnp.einsum('...D,VD->...V', h, out.astype(self.dtype),
                        precision=layers.precision_for(self.dtype))
     else:
       out = self.lm_head(h)
