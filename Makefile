@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The showcase: the dense demo (a planted outlier) and its MoE sibling, then the
+# cross-model report with its plots (runs/demo/report/report.html).
 demo: setup
 	$(VENV)/bin/maxact-jax measure --flagfile=configs/demo.flags
+	$(VENV)/bin/maxact-jax measure --flagfile=configs/demo_moe.flags
+	$(VENV)/bin/maxact-jax report --results_dir=runs/demo/json --output_dir=runs/demo/report \
+	  --pairs=demo-moe-checkpoint:demo-checkpoint
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

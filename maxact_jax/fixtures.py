@@ -299,30 +299,41 @@ def plant_outlier(model, *, layer: int, channel: int, token_id: int, unit: int =
 
 DEMO_SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=32)
+# The MoE demo: the same attention, a qwen3_moe block (16 experts, 2 per token) in every
+# layer, no planted outlier: the report sets it beside the dense demo.
+DEMO_MOE = dict(num_experts=16, num_experts_per_tok=2, moe_intermediate_size=192, norm_topk_prob=True,
+                decoder_sparse_step=1, mlp_only_layers=[])
+DEMO_KINDS = ('dense', 'moe')
 DEMO_OUTLIER = dict(layer=2, channel=37, unit=11)
 DEMO_INFO = 'maxact_demo.json'
 # 2: the planted unit fires on BOS only (marker embedding, direction against the mean).
-DEMO_VERSION = 2
+# 3: a demo kind (dense or moe) is recorded.
+DEMO_VERSION = 3
 
 
-def build_demo_checkpoint(out_dir: str, model_type: str = 'qwen3', seed: int = 0) -> str:
-  """The built-in default model: a qwen3-shaped random init with a planted outlier on BOS."""
+def build_demo_checkpoint(out_dir: str, kind: str = 'dense', seed: int = 0) -> str:
+  """The built-in default model: a qwen3-shaped random init with a planted outlier on
+  BOS (`kind='dense'`), or its qwen3_moe sibling without one (`kind='moe'`)."""
   from maxact_jax.corpus import builtin_corpus  # pylint: disable=import-outside-toplevel
 
   texts = [r['text'] for r in builtin_corpus(seed=seed)[:600]]  # enough to train a 4k vocabulary
   tmp = out_dir + '.partial'
   tok_dir = train_tokenizer(texts, tmp, vocab_size=4096)
   vocab = tokenizer_vocab_size(tok_dir)
-  model = random_model(make_config(model_type, vocab, **DEMO_SHAPE), seed)
-  bos = token_id(tok_dir, BOS)
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-  tok = Tokenizer.from_file(os.path.join(tok_dir, 'tokenizer.json'))
-  probes = [e.ids[:64] for e in tok.encode_batch(texts[:8])]
-  planted = plant_outlier(model, token_id=bos, probe_ids=probes, **DEMO_OUTLIER)
+  info: dict[str, Any] = {'seed': seed, 'kind': kind, 'version': DEMO_VERSION}
+  if kind == 'moe':
+    model = random_model(make_config('qwen3_moe', vocab, **DEMO_SHAPE, **DEMO_MOE), seed)
+  else:
+    model = random_model(make_config('qwen3', vocab, **DEMO_SHAPE), seed)
+    bos = token_id(tok_dir, BOS)
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    tok = Tokenizer.from_file(os.path.join(tok_dir, 'tokenizer.json'))
+    probes = [e.ids[:64] for e in tok.encode_batch(texts[:8])]
+    info['planted_outlier'] = plant_outlier(model, token_id=bos, probe_ids=probes, **DEMO_OUTLIER).to_json()
+  info['model_type'] = model.config.model_type
   save_checkpoint(model, tmp)
   with open(os.path.join(tmp, DEMO_INFO), 'w') as f:
-    json.dump({'planted_outlier': planted.to_json(), 'seed': seed, 'model_type': model_type,
-               'version': DEMO_VERSION}, f, indent=2)
+    json.dump(info, f, indent=2)
   if os.path.exists(out_dir):
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(out_dir)
@@ -330,22 +341,26 @@ def build_demo_checkpoint(out_dir: str, model_type: str = 'qwen3', seed: int = 0
   return out_dir
 
 
-def demo_checkpoint_dir() -> str:
-  """Where the demo checkpoint lives: $MAXACT_DEMO_DIR or runs/demo-checkpoint in the project."""
-  default = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs', 'demo-checkpoint')
-  return os.environ.get('MAXACT_DEMO_DIR', default)
+def demo_checkpoint_dir(kind: str = 'dense') -> str:
+  """Where a demo checkpoint lives: under $MAXACT_DEMO_DIR or the project's runs/:
+  demo-checkpoint (dense) and demo-moe-checkpoint (MoE)."""
+  root = os.environ.get('MAXACT_DEMO_DIR') or os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runs')
+  return os.path.join(root, 'demo-checkpoint' if kind == 'dense' else f'demo-{kind}-checkpoint')
 
 
-def ensure_demo_checkpoint(path: str | None = None) -> str:
-  path = path or demo_checkpoint_dir()
+def ensure_demo_checkpoint(path: str | None = None, kind: str = 'dense') -> str:
+  if kind not in DEMO_KINDS:
+    raise UserError(f'--demo={kind}: the demo checkpoints are {", ".join(DEMO_KINDS)}')
+  path = path or demo_checkpoint_dir(kind)
   if demo_version(path) != DEMO_VERSION:  # missing, or built by an older version: (re)build
     try:
       import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
       raise UserError('building the demo checkpoint needs torch and transformers '
                       '(pip install maxact-jax[torch]); or pass --model_path') from None
-    print(f'building the demo checkpoint in {path} (once) ...', flush=True)
-    build_demo_checkpoint(path)
+    print(f'building the {kind} demo checkpoint in {path} (once) ...', flush=True)
+    build_demo_checkpoint(path, kind)
   return path
 
 

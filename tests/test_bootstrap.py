@@ -7,6 +7,8 @@ import json
 import math
 import random
 
+import numpy as np
+
 import pytest
 
 from maxact_jax import bootstrap
@@ -233,3 +235,28 @@ def test_bootstrap_command_requires_paths(tmp_path, capsys):
   data_path = write_corpus(tmp_path / 'c.jsonl', [{'text': 'x'}])
   code, _, err = run_cli(capsys, 'bootstrap', f'--data_path={data_path}', '--sizes=1')
   assert_one_error(code, err, '--output_dir is required')
+
+
+def test_bootstrap_measures_each_subset_and_summarises_stability(checkpoint, tmp_path, capsys):
+  from maxact_jax import cli, fixtures
+  rng = np.random.RandomState(5)
+  path = tmp_path / 'ids.jsonl'
+  rows = [{'input_ids': ids, 'category': 'ab'[i % 2]}
+          for i, ids in enumerate(fixtures.random_token_ids(256, rng.randint(4, 30, 20).tolist(), seed=2))]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  model = checkpoint('llama')
+  capsys.readouterr()
+  out = tmp_path / 'boot'
+  code = cli.main(['maxact-jax', 'bootstrap', f'--data_path={path}', '--sizes=6,10', '--repeats=2',
+                   f'--output_dir={out}', f'--model_path={model}', '--dtype=float32', '--batch_size=4'])
+  assert code == 0, capsys.readouterr().err
+  summary = json.loads((out / 'stability.json').read_text())
+  assert set(summary) == {'6', '10'}
+  for size in ('6', '10'):
+    row = summary[size]
+    assert row['repeats'] == 2
+    docs = [json.loads((out / size / f'r{r}' / 'json' / 'llama_activation_stats.json').read_text()) for r in (0, 1)]
+    values = [abs(d['global_max_activation']) for d in docs]
+    assert row['abs_max_min'] == pytest.approx(min(values)) and row['abs_max_max'] == pytest.approx(max(values))
+    assert all(d['num_samples'] == int(size) for d in docs)
+  assert 'most common location' in capsys.readouterr().out

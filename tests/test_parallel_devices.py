@@ -193,7 +193,8 @@ def run_two_processes(model_path: str, corpus: str, out, *flags: str) -> tuple[d
     assert p.returncode == 0, text[-3000:]
   assert 'results:' in outs[0] and 'results:' not in outs[1]  # process 0 writes, once
   name = os.path.basename(model_path)
-  assert sorted(os.listdir(out / 'json')) == [f'{name}_activation_stats.json', f'{name}_top5_stats.json']
+  assert sorted(os.listdir(out / 'json')) == [f'{name}_activation_stats.json', f'{name}_anatomy.json',
+                                              f'{name}_channel_absmax.npz', f'{name}_top5_stats.json']
   return (json.loads((out / 'json' / f'{name}_activation_stats.json').read_text()),
           json.loads((out / 'json' / f'{name}_top5_stats.json').read_text()))
 

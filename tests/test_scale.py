@@ -87,8 +87,8 @@ def test_param_spec_shards_matrices_and_keeps_vectors_and_the_layer_axis(checkpo
 
 def test_pmap_refuses_a_tap_it_has_no_combine_rule_for(checkpoint):
   config = load_config(checkpoint('qwen3'))
-  sown = {'model': {'layers': {'mlp': {'moe_experts': ({'expert_count': jnp.zeros((3, 4), jnp.int32)},)}}}}
-  with pytest.raises(ValueError, match="no rule to combine tap 'moe_experts' across devices: register one in "
+  sown = {'model': {'layers': {'mlp': {'mystery_tap': ({'expert_count': jnp.zeros((3, 4), jnp.int32)},)}}}}
+  with pytest.raises(ValueError, match="no rule to combine tap 'mystery_tap' across devices: register one in "
                      r'parallel.COMBINERS \(the mesh layout needs none\)'):
     parallel.combine_tree(config, sown, 'data')
 

@@ -26,6 +26,9 @@ flags.DEFINE_string('source_tokenizer', None, 'Tokenizer (directory or tokenizer
                     "checkpoint's tokenizer, as the paper did from Llama-2 ids.", flag_values=FLAGS)
 flags.DEFINE_boolean('crosscheck', False, 'First check every tap against transformers on a sample batch.',
                      flag_values=FLAGS)
+flags.DEFINE_enum('demo', 'dense', ('dense', 'moe'), 'Without --model_path: which built-in demo checkpoint '
+                  '(built on first use): dense (a planted outlier on BOS) or moe (its qwen3_moe sibling).',
+                  flag_values=FLAGS)
 flags.DEFINE_integer('max_shapes', 8, 'At most this many distinct padded batch lengths (one compilation '
                      'each).', flag_values=FLAGS)
 flags.DEFINE_enum('parallelism', parallel.AUTO, parallel.PARALLELISMS,
@@ -67,7 +70,7 @@ def options(fv: flags.FlagValues) -> measure.MeasureOptions:
 
 def run() -> int:
   opts = options(FLAGS)
-  model_path = opts.model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
+  model_path = opts.model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint(kind=FLAGS.demo)
   if FLAGS.crosscheck:
     if (FLAGS.num_processes or 1) > 1:
       raise UserError('--crosscheck runs in one process: run `maxact-jax crosscheck` before a multi-host measure')
