@@ -90,44 +90,69 @@ def tap_partial(x: jax.Array, valid: jax.Array, *, full: bool, top_k: int = TOP_
   b, t = x.shape[:2]
   x = x.astype(jnp.float32).reshape(b, t, -1)
   f = x.shape[-1]
-  v = valid[:, :, None]
-  xz = jnp.where(v & jnp.isfinite(x), x, 0.0)
+  tok = _token_reductions(x, valid)
   out = {
       'count': (valid.sum(axis=1) * f).astype(jnp.int32),
-      'sum': xz.sum(axis=(1, 2)),
-      'sum_sq': (xz * xz).sum(axis=(1, 2)),
-      'abs_sum': jnp.abs(xz).sum(axis=(1, 2)),
+      'sum': tok['sum'].sum(axis=1),
+      'sum_sq': tok['sum_sq'].sum(axis=1),
+      'abs_sum': tok['abs_sum'].sum(axis=1),
+      'nan': tok['nan'],
+      'posinf': tok['posinf'],
+      'neginf': tok['neginf'],
   }
-  out['nan'], out['posinf'], out['neginf'] = _nonfinite_counts(x, v)
-  # Per-token extremes with NaN left out: one vectorised max and min over channels.
-  ok = v & ~jnp.isnan(x)
-  tok_max = jnp.where(ok, x, -jnp.inf).max(axis=-1)  # [B, T]
-  tok_min = jnp.where(ok, x, jnp.inf).min(axis=-1)
-  for name, tok, sign in (('max', tok_max, 1.0), ('min', tok_min, -1.0)):
-    flat = _first_argmax(tok * sign)  # the first token holding the extreme
+  tok_max, tok_min = tok['max'], tok['min']
+  for name, extreme, sign in (('max', tok_max, 1.0), ('min', tok_min, -1.0)):
+    flat = _first_argmax(extreme * sign)  # the first token holding the extreme
     bi, ti = flat // t, flat % t
     row = x[bi, ti]  # its channels: only this one row needs an argmax
     ch = jnp.argmax(jnp.where(jnp.isnan(row), -jnp.inf, row * sign))
-    out[name] = tok[bi, ti]
+    out[name] = extreme[bi, ti]
     out[f'{name}_at'] = jnp.stack([bi, ti, ch]).astype(jnp.int32)
   if full:
     # max |x| per token (NaN excluded; a token of only NaN counts as 0).
     tok_abs = jnp.maximum(jnp.maximum(tok_max, -tok_min), 0.0)
-    out.update(_activation_partial(x, valid, tok_abs, top_k, anatomy))
+    out.update(_activation_partial(x, valid, tok_abs, top_k, anatomy, tok['clean'], out['nan']))
   return out
 
 
-def _nonfinite_counts(x: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Per-row NaN, +inf and -inf counts over valid elements. One pass counts the
-  non-finite values; telling them apart costs two more, only when there are any."""
-  bad = (v & ~jnp.isfinite(x)).sum(axis=(1, 2), dtype=jnp.int32)
+def _token_reductions(x: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """Per token over the channels: the sums of x, x^2 and |x| over finite values,
+  max and min with NaN left out (padding: -inf / +inf); per row the NaN, +inf and
+  -inf counts over valid elements; and `clean`, True when no valid token holds a
+  non-finite value.
 
-  def split(_):  # closes over x: passing it as the operand costs a copy on CPU
-    return ((v & jnp.isnan(x)).sum(axis=(1, 2), dtype=jnp.int32),
-            (v & (x == jnp.inf)).sum(axis=(1, 2), dtype=jnp.int32))
+  A non-finite element makes its token's plain sum non-finite, so one plain
+  reduction tells whether any valid token needs the element-wise masks; when none
+  does (every healthy run), the unmasked reductions are the answer and the masked
+  pass (three times dearer on CPU) is never run. A token whose finite values sum
+  past float32's range takes the masked pass too, with the same result.
+  """
+  v = valid[:, :, None]
+  tok_sum = x.sum(axis=-1)
+  clean = ~(valid & ~jnp.isfinite(tok_sum)).any()
+  zeros = jnp.zeros(x.shape[:1], jnp.int32)
 
-  nan, posinf = jax.lax.cond(bad.sum() > 0, split, lambda _: (jnp.zeros_like(bad), jnp.zeros_like(bad)), None)
-  return nan, posinf, bad - nan - posinf
+  # Both branches close over x: passing it as the operand costs a copy on CPU.
+  def unmasked(_):
+    return {'sum': jnp.where(valid, tok_sum, 0.0), 'sum_sq': jnp.where(valid, (x * x).sum(axis=-1), 0.0),
+            'abs_sum': jnp.where(valid, jnp.abs(x).sum(axis=-1), 0.0),
+            'max': jnp.where(valid, x.max(axis=-1), -jnp.inf), 'min': jnp.where(valid, x.min(axis=-1), jnp.inf),
+            'nan': zeros, 'posinf': zeros, 'neginf': zeros}
+
+  def masked(_):
+    xz = jnp.where(v & jnp.isfinite(x), x, 0.0)
+    ok = v & ~jnp.isnan(x)
+    count = lambda m: (v & m).sum(axis=(1, 2), dtype=jnp.int32)
+    return {'sum': xz.sum(axis=-1), 'sum_sq': (xz * xz).sum(axis=-1), 'abs_sum': jnp.abs(xz).sum(axis=-1),
+            'max': jnp.where(ok, x, -jnp.inf).max(axis=-1), 'min': jnp.where(ok, x, jnp.inf).min(axis=-1),
+            'nan': count(jnp.isnan(x)), 'posinf': count(x == jnp.inf), 'neginf': count(x == -jnp.inf)}
+
+  return {**jax.lax.cond(clean, unmasked, masked, None), 'clean': clean}
+
+
+# Elements per slice of the median search on CPU: the 31 passes then run over data
+# held in cache instead of streaming the whole tap from memory 31 times.
+MEDIAN_SLICE = 1 << 20
 
 
 def lower_median(a: jax.Array) -> jax.Array:
@@ -137,9 +162,22 @@ def lower_median(a: jax.Array) -> jax.Array:
   Non-negative float32 values order like their bit patterns read as int32, so
   the k-th smallest value is found bit by bit from the top: 31 passes of
   compare-and-count over the last axis (a sort costs several times more on CPU).
+  On CPU a large tap is searched a slice of rows at a time (`MEDIAN_SLICE`
+  elements, about 2x faster than whole-tap passes once the tap outgrows the
+  cache); accelerators take the whole tap in each pass.
   """
-  k = (a.shape[-1] - 1) // 2
   a = a.astype(jnp.float32)
+  lead, d = a.shape[:-1], a.shape[-1]
+  if jax.default_backend() != 'cpu' or a.size <= MEDIAN_SLICE:
+    return _bitwise_median(a)
+  rows = a.reshape(-1, d)
+  n, per = rows.shape[0], max(1, MEDIAN_SLICE // d)
+  rows = jnp.pad(rows, ((0, -n % per), (0, 0)))
+  return jax.lax.map(_bitwise_median, rows.reshape(-1, per, d)).reshape(-1)[:n].reshape(lead)
+
+
+def _bitwise_median(a: jax.Array) -> jax.Array:
+  k = (a.shape[-1] - 1) // 2
 
   def step(i, prefix):
     cand = prefix | jnp.left_shift(jnp.int32(1), 30 - i)
@@ -153,12 +191,15 @@ def lower_median(a: jax.Array) -> jax.Array:
 
 
 def row_histogram(idx: jax.Array, mask: jax.Array, bins: int) -> jax.Array:
-  """Per-row counts of bin indices: idx, mask [B, ...] -> int32 [B, bins] (masked out: not counted)."""
+  """Per-row counts of bin indices: idx in [0, bins), mask [B, ...] -> int32 [B, bins]
+  (masked out: not counted)."""
   b = idx.shape[0]
   rows = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32).reshape((b,) + (1,) * (idx.ndim - 1)), idx.shape)
-  flat_bin = jnp.where(mask, rows * bins + idx, b * bins)  # dropped: out of range
-  hist = jnp.zeros((b * bins,), jnp.int32).at[flat_bin.reshape(-1)].add(1, mode='drop')
-  return hist.reshape(b, bins)
+  # Masked elements land in one spare slot past the end, so every index is in
+  # bounds and the scatter needs no bounds checks (a quarter faster on CPU).
+  flat_bin = jnp.where(mask, rows * bins + idx, b * bins)
+  hist = jnp.zeros((b * bins + 1,), jnp.int32).at[flat_bin.reshape(-1)].add(1, mode='promise_in_bounds')
+  return hist[:-1].reshape(b, bins)
 
 
 def log_histogram(a: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -181,9 +222,11 @@ def log_histogram(a: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, 
           mask.sum(axis=axes, dtype=jnp.int32))
 
 
-def _activation_partial(x, valid, tok_abs, top_k, anatomy=False):
+def _activation_partial(x, valid, tok_abs, top_k, anatomy, clean, nan_rows):
   b, t, f = x.shape
-  a = jnp.abs(jnp.where(jnp.isnan(x), 0.0, x))
+  # |x| with NaN as 0 (the median's convention); the masked select only runs
+  # when some valid token holds a non-finite value.
+  a = jax.lax.cond(clean, lambda _: jnp.abs(x), lambda _: jnp.abs(jnp.where(jnp.isnan(x), 0.0, x)), None)
   tok_med = lower_median(a)
   ratio = tok_abs / jnp.maximum(tok_med, TINY)
   out = {}
@@ -203,7 +246,10 @@ def _activation_partial(x, valid, tok_abs, top_k, anatomy=False):
   out['sun_sum_ratio'] = r.sum(axis=1)
   out['sun_sum_ratio_sq'] = (r * r).sum(axis=1)
 
-  out['hist'], out['hist_zero'], out['hist_count'] = log_histogram(a, valid[:, :, None] & jnp.isfinite(x))
+  # The histogram counts the finite valid elements: +inf is excluded by `a < inf`,
+  # a NaN (0 in `a`) would count as a zero and is taken back out of both counts.
+  hist, zero, count = log_histogram(a, valid[:, :, None] & (a < jnp.inf))
+  out['hist'], out['hist_zero'], out['hist_count'] = hist, zero - nan_rows, count - nan_rows
 
   # Top-K |x| with the signed value, in two stages: the K tokens of largest
   # max |x| hold every one of the K largest elements (a token holding one of them

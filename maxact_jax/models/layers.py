@@ -282,6 +282,10 @@ def blocked_attention(q: Array, key: Array, value: Array, valid: Array, window: 
   (or before the window) are never computed. The result equals the direct
   path's up to float rounding (the softmax is accumulated block by block).
   q [B,T,K,G,h], key/value [B,S,K,h], valid [B,S] -> [B,T,K,G,h].
+
+  Heads go in front once, outside the loops, so every block product is a plain
+  batched matmul; without a sliding window the causal mask is applied on the
+  diagonal block only (the blocks before it are wholly visible, up to padding).
   """
   b, t, k, g, hd = q.shape
   pad = -t % block
@@ -291,42 +295,51 @@ def blocked_attention(q: Array, key: Array, value: Array, valid: Array, window: 
     value = jnp.pad(value, ((0, 0), (0, pad), (0, 0), (0, 0)))
     valid = jnp.pad(valid, ((0, 0), (0, pad)))
   n = (t + pad) // block
-  kb = key.reshape(b, n, block, k, hd)
-  vb = value.reshape(b, n, block, k, hd)
+  qt = jnp.transpose(q, (0, 2, 3, 1, 4))  # [B, K, G, T, h]
+  kt = jnp.transpose(key, (0, 2, 1, 3)).reshape(b, k, n, block, hd)  # [B, K, n, blk, h]
+  vt = jnp.transpose(value, (0, 2, 1, 3)).reshape(b, k, n, block, hd)
   validb = valid.reshape(b, n, block)
-  window = jnp.asarray(0 if window is None else window, jnp.int32)
   offsets = jnp.arange(block, dtype=jnp.int32)
   neg = jnp.finfo(jnp.float32).min
+  windowed = window is not None
+  window = jnp.asarray(0 if window is None else window, jnp.int32)
 
   def query_block(i):
-    q_i = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=1)  # [B, bq, K, G, h]
+    q_i = jax.lax.dynamic_slice_in_dim(qt, i * block, block, axis=3)  # [B, K, G, bq, h]
     q_pos = i * block + offsets
-    first = jnp.where(window > 0, jnp.maximum(i * block - window + 1, 0) // block, 0)
 
-    def key_block(j, carry):
+    def key_block(j, carry, causal: bool):
       m, l, acc = carry
-      k_pos = j * block + offsets
-      s = _scaled_logits(q_i, kb[:, j], c, dtype, 'BqKGh,BkKh->BKGqk').astype(jnp.float32)
-      visible = (k_pos[None, :] <= q_pos[:, None]) & ((window <= 0) | (q_pos[:, None] - k_pos[None, :] < window))
-      mask = visible[None, None, None] & validb[:, j][:, None, None, None, :]
+      s = _scaled_logits(q_i, kt[:, :, j], c, dtype, 'BKGqh,BKkh->BKGqk').astype(jnp.float32)
+      mask = validb[:, j][:, None, None, None, :]
+      if causal:
+        k_pos = j * block + offsets
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if windowed:
+          visible &= (window <= 0) | (q_pos[:, None] - k_pos[None, :] < window)
+        mask = mask & visible
       s = jnp.where(mask, s, neg)
       m_new = jnp.maximum(m, s.max(axis=-1))
       p = jnp.exp(s - m_new[..., None])
       scale = jnp.exp(m - m_new)
       l = l * scale + p.sum(axis=-1)
-      pv = jnp.einsum('BKGqk,BkKh->BKGqh', p.astype(dtype), vb[:, j], precision=precision_for(dtype))
+      pv = jnp.einsum('BKGqk,BKkh->BKGqh', p.astype(dtype), vt[:, :, j], precision=precision_for(dtype))
       return m_new, l, acc * scale[..., None] + pv.astype(jnp.float32)
 
     init = (jnp.full((b, k, g, block), neg, jnp.float32), jnp.zeros((b, k, g, block), jnp.float32),
             jnp.zeros((b, k, g, block, hd), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(first, i + 1, key_block, init)
+    if windowed:  # every block may cut the window: the full mask everywhere
+      first = jnp.where(window > 0, jnp.maximum(i * block - window + 1, 0) // block, 0)
+      m, l, acc = jax.lax.fori_loop(first, i + 1, lambda j, cr: key_block(j, cr, True), init)
+    else:
+      carry = jax.lax.fori_loop(0, i, lambda j, cr: key_block(j, cr, False), init)
+      m, l, acc = key_block(i, carry, True)
     if sinks is not None:  # the sink joins the normaliser only
       l = l + jnp.exp(sinks.astype(jnp.float32).reshape(1, k, g, 1) - m)
-    out = (acc / l[..., None]).astype(dtype)  # [B, K, G, bq, h]
-    return jnp.moveaxis(out, 3, 1)  # [B, bq, K, G, h]
+    return (acc / l[..., None]).astype(dtype)  # [B, K, G, bq, h]
 
-  out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, bq, K, G, h]
-  out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, k, g, hd)
+  out = jax.lax.map(query_block, jnp.arange(n))  # [n, B, K, G, bq, h]
+  out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, n * block, k, g, hd)
   return out[:, :t]
 
 
