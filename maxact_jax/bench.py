@@ -69,15 +69,15 @@ def build_checkpoint(out_dir: str, seed: int = 0) -> str:
 
 
 def build_corpus(model_dir: str, path: str, num_samples: int = NUM_SAMPLES) -> str:
-  """Built-in corpus documents cut to twice their token budgets (so 32 to 1,024
-  tokens), tokenized with the bench tokenizer, as input_ids jsonl."""
+  """Built-in corpus samples on the corpus's own length plan at twice its budgets
+  (so up to 1,024 tokens), tokenized with the bench tokenizer, those of at least
+  32 tokens, as input_ids jsonl."""
   if os.path.isfile(path):
     return path
   from maxact_jax.corpus import builtin_corpus  # pylint: disable=import-outside-toplevel
 
   tok = data.Tokenizer(model_dir)
-  docs = builtin_corpus(seed=0, num_samples=2 * num_samples,
-                        cut_to_tokens=lambda texts, budgets: tok.cut(texts, [2 * b for b in budgets]))
+  docs = builtin_corpus(seed=0, num_samples=num_samples + num_samples // 4, cut_to_tokens=tok.cut, length_scale=2)
   rows = []
   for ids in tok.encode([d['text'] for d in docs]):
     ids = ids[:MAX_LEN]
@@ -85,6 +85,8 @@ def build_corpus(model_dir: str, path: str, num_samples: int = NUM_SAMPLES) -> s
       rows.append({'input_ids': ids})
     if len(rows) == num_samples:
       break
+  if len(rows) < num_samples:
+    raise RuntimeError(f'the built-in corpus gave {len(rows)} samples of {MIN_LEN} tokens or more, not {num_samples}')
   data.write_jsonl(rows, path)
   return path
 
@@ -172,7 +174,7 @@ def bench(opts: BenchOptions) -> dict[str, Any]:
   data_path = build_corpus(model_dir, os.path.join(opts.output_dir, 'bench_ids.jsonl'), opts.num_samples)
   config = load_config(model_dir)
   corpus = data.load_corpus(data_path, vocab_size=config.vocab_size)
-  plan = data.plan_batches(corpus.lengths, opts.batch_size)
+  plan = data.plan_batches(corpus.lengths, opts.batch_size)  # as measure plans them
   batches = list(data.iter_batches(corpus, plan, config.pad_token_id or 0))
   params = measure.load_params(model_dir, config, 'float32')
   forward = measure.make_forward(config, jnp.float32)

@@ -229,8 +229,8 @@ def _budget(rng: random.Random) -> int:
   return int(round(low * (high / low) ** rng.random()))
 
 
-def _category_documents(category: str, count: int, seed: int,
-                        seen: set[str]) -> list[tuple[str, int, str]]:
+def _category_documents(category: str, count: int, seed: int, seen: set[str],
+                        length_scale: int = 1) -> list[tuple[str, int, str]]:
   """(document, token budget, portable cut) of `count` samples, distinct in their portable cut."""
   rng = random.Random(f'maxact-jax corpus/{seed}/{category}')
   stdlib = None
@@ -242,7 +242,7 @@ def _category_documents(category: str, count: int, seed: int,
   out: list[tuple[str, int, str]] = []
   misses = 0
   while len(out) < count:
-    budget = _budget(rng)
+    budget = _budget(rng) * length_scale
     units = stdlib.document() if stdlib is not None and len(out) < stdlib_quota else None
     if units is None:
       units = GENERATORS[category](rng)
@@ -259,7 +259,7 @@ def _category_documents(category: str, count: int, seed: int,
 
 
 def builtin_corpus(seed: int = 0, num_samples: int | None = None,
-                   cut_to_tokens: TokenCutter | None = None) -> list[dict[str, str]]:
+                   cut_to_tokens: TokenCutter | None = None, length_scale: int = 1) -> list[dict[str, str]]:
   """Samples with `text` and `category`, in an order shuffled by `seed`.
 
   Args:
@@ -270,6 +270,8 @@ def builtin_corpus(seed: int = 0, num_samples: int | None = None,
       (texts, budgets) -> texts cut to at most that many tokens each
       (`maxact_jax.data.Tokenizer.cut`); None cuts at
       PORTABLE_BYTES_PER_TOKEN bytes per budget token instead.
+    length_scale: every budget times this (the same length plan, longer
+      documents: the bench's corpus of up to 1,024 tokens is scale 2).
 
   Raises:
     UserError: num_samples outside 1..MAX_NUM_SAMPLES.
@@ -282,7 +284,7 @@ def builtin_corpus(seed: int = 0, num_samples: int | None = None,
   docs: list[tuple[str, int, str]] = []
   categories: list[str] = []
   for category in CATEGORY_WEIGHTS:
-    docs += _category_documents(category, quotas[category], seed, seen)
+    docs += _category_documents(category, quotas[category], seed, seen, length_scale)
     categories += [category] * quotas[category]
   if cut_to_tokens is None:
     texts = [portable for _, _, portable in docs]

@@ -176,6 +176,7 @@ class MeasureOptions:
   batch_size: int = 8
   dtype: str = 'bfloat16'
   max_shapes: int = 8
+  shape_cost_tokens: int = data.SHAPE_COST_TOKENS
   progress: bool = True
   checkpoint_every: int = 0  # save a resumable state every N batches (0: never)
   resume: bool = False
@@ -274,10 +275,12 @@ def measure(opts: MeasureOptions) -> Measurement:
   import converters  # pylint: disable=import-outside-toplevel
   converters.check_checkpoint(opts.model_path, config, DTYPES[opts.dtype])  # fail fast, headers only
   corpus = load_measure_corpus(opts, config)
-  plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes)
+  plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes,
+                            shape_cost_tokens=opts.shape_cost_tokens)
   fingerprint = runstate.fingerprint(model_path=opts.model_path, samples=corpus.samples, options={
       'batch_size': opts.batch_size, 'max_seq_len': opts.max_seq_len, 'max_samples': opts.max_samples,
-      'dtype': opts.dtype, 'max_shapes': opts.max_shapes, 'data_path': opts.data_path or 'builtin'})
+      'dtype': opts.dtype, 'max_shapes': opts.max_shapes,
+      'shape_cost_tokens': opts.shape_cost_tokens, 'data_path': opts.data_path or 'builtin'})
   state_file = runstate.state_path(opts.output_dir, name)
   acc = Accumulator(config)
   start = 0

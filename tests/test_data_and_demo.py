@@ -36,14 +36,23 @@ def test_bucketing_is_optimal_for_its_shape_budget():
   import itertools
   rng = np.random.RandomState(0)
   lengths = rng.randint(1, 200, 22)
-  plan = data.plan_batches(lengths, batch_size=3, max_shapes=3)
+  plan = data.plan_batches(lengths, batch_size=3, max_shapes=3, shape_cost_tokens=0)
   natural = [int(lengths[g].max()) for g in plan.groups]  # non-increasing
   best = min(  # brute force over every choice of 3 padded lengths among the batches' own
       sum(min(c for c in combo if c >= n) for n in natural)
       for combo in itertools.combinations(sorted(set(natural)), 3) if max(combo) == max(natural))
   assert sum(plan.lengths) == best
-  ratios = [data.plan_batches(lengths, 3, s).padding_ratio(lengths) for s in (1, 2, 4, 8)]
+  ratios = [data.plan_batches(lengths, 3, s, shape_cost_tokens=0).padding_ratio(lengths) for s in (1, 2, 4, 8)]
   assert ratios == sorted(ratios, reverse=True) and ratios[-1] < ratios[0]
+
+
+def test_a_shape_is_added_only_when_it_saves_more_than_it_costs():
+  # Two batches of 2 rows: natural lengths 100 and 60. One shape pads the second
+  # batch to 100: 2 * 40 = 80 more tokens than two shapes.
+  lengths = np.array([100, 100, 60, 60])
+  for cost, shapes in ((0, 2), (79, 2), (80, 1), (1000, 1)):  # a tie keeps the fewer shapes
+    plan = data.plan_batches(lengths, batch_size=2, max_shapes=8, shape_cost_tokens=cost)
+    assert len(plan.shapes) == shapes, cost
 
 
 def test_text_corpus_is_tokenized_with_the_checkpoint_tokenizer(tokenizer_dir, tmp_path):

@@ -6,7 +6,7 @@ import json
 
 from absl import flags
 
-from maxact_jax import anatomy, fixtures, measure, parallel
+from maxact_jax import anatomy, data, fixtures, measure, parallel
 from maxact_jax.commands import common
 from maxact_jax.errors import UserError
 
@@ -31,6 +31,9 @@ flags.DEFINE_enum('demo', 'dense', ('dense', 'moe'), 'Without --model_path: whic
                   flag_values=FLAGS)
 flags.DEFINE_integer('max_shapes', 8, 'At most this many distinct padded batch lengths (one compilation '
                      'each).', flag_values=FLAGS)
+flags.DEFINE_integer('shape_cost_tokens', data.SHAPE_COST_TOKENS, 'A batch length beyond the first is used only '
+                     'if it saves more than this many padded tokens (what its compilation costs); 0: always '
+                     'the least padding within --max_shapes.', flag_values=FLAGS)
 flags.DEFINE_enum('parallelism', parallel.AUTO, parallel.PARALLELISMS,
                   'none: one device. pmap: parameters replicated, the batch split over every device, statistics '
                   'combined with collectives in the step. mesh: parameters sharded (--mesh_shape), the batch on '
@@ -55,6 +58,8 @@ def options(fv: flags.FlagValues) -> measure.MeasureOptions:
   common.check_positive('max_samples', fv.max_samples)
   common.check_positive('max_seq_len', fv.max_seq_len)
   common.check_positive('max_shapes', fv.max_shapes, allow_none=False)
+  if fv.shape_cost_tokens < 0:
+    raise UserError(f'--shape_cost_tokens must be 0 or positive, got {fv.shape_cost_tokens}')
   if fv.checkpoint_every < 0:
     raise UserError(f'--checkpoint_every must be 0 or positive, got {fv.checkpoint_every}')
   if fv.device_memory_gb is not None and fv.device_memory_gb <= 0:
@@ -63,7 +68,8 @@ def options(fv: flags.FlagValues) -> measure.MeasureOptions:
       model_path=fv.model_path, output_dir=fv.output_dir, data_path=fv.data_path, max_samples=fv.max_samples,
       max_seq_len=fv.max_seq_len, batch_size=fv.batch_size, dtype=fv.dtype, progress=fv.progress,
       checkpoint_every=fv.checkpoint_every, resume=fv.resume, device_memory_gb=fv.device_memory_gb,
-      source_tokenizer=fv.source_tokenizer, max_shapes=fv.max_shapes, parallelism=fv.parallelism,
+      source_tokenizer=fv.source_tokenizer, max_shapes=fv.max_shapes,
+      shape_cost_tokens=fv.shape_cost_tokens, parallelism=fv.parallelism,
       mesh_shape=fv.mesh_shape, coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
       process_id=fv.process_id, initialization_timeout=fv.initialization_timeout)
 

@@ -36,6 +36,34 @@ def dense(features: int, name: str, *, dtype: DType, use_bias: bool = False) -> 
                   precision=precision_for(dtype), name=name)
 
 
+class DenseParams(nn.Module):
+  """The parameters of a `dense` Linear (same names and shapes), without applying it:
+  several projections of one input are then one matmul (`fused_dense`)."""
+
+  features: int
+  dtype: DType
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[Array, Array | None]:
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (in_features, self.features), self.dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
+    return kernel, bias
+
+
+def fused_dense(x: Array, projections: list[tuple[str, int]], *, dtype: DType, use_bias: bool = False) -> list[Array]:
+  """Linears of the same input, each with its own HF name and parameters, as one
+  matmul over their concatenated kernels: the narrow ones (GQA's k and v) run
+  far below the matmul rate on their own. Each output column is the same dot
+  product as the separate Linear's, in the same dtype."""
+  params = [DenseParams(n, dtype, use_bias, name=name)(x.shape[-1]) for name, n in projections]
+  kernel = jnp.concatenate([k for k, _ in params], axis=1).astype(dtype)
+  y = jnp.dot(x.astype(dtype), kernel, precision=precision_for(dtype))
+  if use_bias:
+    y = y + jnp.concatenate([b for _, b in params]).astype(dtype)
+  return jnp.split(y, np.cumsum([n for _, n in projections])[:-1].tolist(), axis=-1)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis, computed in float32 like transformers.
 
@@ -217,14 +245,14 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     h, k, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     q_out = h * hd * (2 if c.attn_output_gate else 1)
-    q = dense(q_out, 'q_proj', dtype=self.dtype, use_bias=c.qkv_bias)(x)
+    q, key, value = fused_dense(x, [('q_proj', q_out), ('k_proj', k * hd), ('v_proj', k * hd)], dtype=self.dtype,
+                                use_bias=c.qkv_bias)
     if c.attn_output_gate:
       # Qwen3.5 packs [query | gate] per head in q_proj.
       q, gate = jnp.split(q.reshape(b, t, h, 2 * hd), 2, axis=-1)
       gate = gate.reshape(b, t, h * hd)
     q = q.reshape(b, t, h, hd)
-    key = dense(k * hd, 'k_proj', dtype=self.dtype, use_bias=c.qkv_bias)(x).reshape(b, t, k, hd)
-    value = dense(k * hd, 'v_proj', dtype=self.dtype, use_bias=c.qkv_bias)(x).reshape(b, t, k, hd)
+    key, value = key.reshape(b, t, k, hd), value.reshape(b, t, k, hd)
     if c.qk_norm:
       q = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='q_norm')(q)
       key = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='k_norm')(key)
