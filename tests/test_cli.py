@@ -1,4 +1,4 @@
-"""Bad input, for the measure and crosscheck commands: one `error:` line, exit 2, nothing written."""
+"""Bad input, for every command: one `error:` line, exit 2, nothing written."""
 
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
 
 def test_measure_writes_both_files(capsys, checkpoint, ids_corpus, tmp_path):
   code, out, _ = run_cli(capsys, 'measure', f'--model_path={checkpoint("llama")}', f'--data_path={ids_corpus}',
-                         f'--output_dir={tmp_path}', '--dtype=float32', '--progress=false')
+                         f'--output_dir={tmp_path}', '--dtype=float32', '--progress=false',
+                         '--shape_cost_tokens=0')  # tiny corpus: bucket it fully
   assert code == 0
   files = sorted(os.listdir(tmp_path / 'json'))
   assert files == ['llama_activation_stats.json', 'llama_anatomy.json', 'llama_channel_absmax.npz',
@@ -107,3 +108,29 @@ def test_measure_writes_both_files(capsys, checkpoint, ids_corpus, tmp_path):
   doc = json.loads((tmp_path / 'json' / 'llama_activation_stats.json').read_text())
   assert doc['model_type'] == 'llama' and doc['num_samples'] == 12
   assert doc['run']['padding_ratio'] < 0.5
+
+
+@pytest.mark.parametrize('command, flags', [
+    ('measure', ['--model_path={ckpt}', '--output_dir={file}']),
+    ('crosscheck', ['--model_path={ckpt}', '--output_dir={file}']),
+    ('quant', ['--model_path={ckpt}', '--output_dir={file}']),
+    ('bootstrap', ['--data_path={file}', '--output_dir={file}', '--sizes=2']),
+    ('report', ['--results_dir={file}']),
+    ('anatomy', ['--model_path={ckpt}', '--output_dir={file}']),
+    ('intervene', ['--model_path={ckpt}', '--output_dir={file}']),
+    ('convert', ['--model_path={ckpt}', '--output_dir={file}']),
+    ('plan', ['--model_path={file}']),
+    ('sweep', ['--configs={file}', '--output_dir={file}']),
+    ('bench', ['--output_dir={file}']),
+    ('corpus', ['--output_path={tmp}/no/such/dir/c.jsonl', '--num_samples=0']),
+])
+def test_every_command_turns_bad_paths_into_one_error_line(command, flags, checkpoint, tmp_path, capsys):
+  """A plain file where a directory belongs (or a non-checkpoint): one `error:` line, exit 2."""
+  bad = tmp_path / 'a_file'
+  bad.write_text('not a directory\n')
+  ckpt = checkpoint('qwen3')
+  capsys.readouterr()  # building the checkpoint prints progress
+  args = [f.format(ckpt=ckpt, file=bad, tmp=tmp_path) for f in flags]
+  code, _, err = run_cli(capsys, command, *args)
+  assert_one_error(code, err, '.')
+  assert bad.read_text() == 'not a directory\n'  # nothing written over it

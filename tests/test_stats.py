@@ -176,3 +176,33 @@ def test_global_max_is_strict_and_skips_router_taps():
       'layer_1_hidden': {'max': 12.0, 'min': -2.0},  # ties layer 0's min: the earlier one stays
   }
   assert stats.global_max(summary) == (-12.0, 'layer_0_hidden (min)')
+
+
+def test_lower_median_of_a_tap_searched_in_cached_slices():
+  # Over stats.MEDIAN_SLICE elements, and rows that do not fill the last slice.
+  r = np.random.RandomState(0)
+  a = np.abs(r.standard_cauchy((3, 701, 512))).astype(np.float32)
+  a[0, 0, :300] = 0.0  # a median of zero
+  a[1, 5] = 7.0  # every channel the same
+  assert a.size > stats.MEDIAN_SLICE and (a.size // 512) % (stats.MEDIAN_SLICE // 512)
+  got = np.asarray(jax.jit(stats.lower_median)(a))
+  np.testing.assert_array_equal(got, np.sort(a, axis=-1)[..., (512 - 1) // 2])
+
+
+def test_a_non_finite_token_changes_nothing_about_the_other_rows():
+  # One NaN sends the tap down the element-masked path; the clean row's partial is
+  # what the unmasked path gives, and a NaN in padding sends it nowhere.
+  r = np.random.RandomState(1)
+  x = r.randn(2, 6, 8).astype(np.float32)
+  valid = np.ones((2, 6), bool)
+  valid[1, 4:] = False
+  clean = partial(x, valid, True, 5)
+  bad = x.copy()
+  bad[1, 2, 3] = np.nan
+  masked = partial(bad, valid, True, 5)
+  for key in ('sum', 'sum_sq', 'abs_sum', 'hist', 'hist_zero', 'hist_count', 'sun_sum_ratio'):
+    np.testing.assert_allclose(masked[key][0], clean[key][0], rtol=1e-6, err_msg=key)
+  assert masked['nan'].tolist() == [0, 1] and masked['hist_count'][1] == clean['hist_count'][1] - 1
+  padded = x.copy()
+  padded[1, 5, 0] = np.nan
+  assert all(np.array_equal(v, clean[k]) for k, v in partial(padded, valid, True, 5).items())
