@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from maxact_jax import cli, fixtures, measure, runstate
+from maxact_jax import cli, data, fixtures, measure, runstate
 from maxact_jax.errors import UserError
 from tests.conftest import write_ids_corpus
 
@@ -80,12 +80,12 @@ def test_resume_refuses_other_flags_or_checkpoint(checkpoint, long_corpus, tmp_p
   path = runstate.state_path(str(tmp_path), 'qwen3')
   fp = runstate.fingerprint(model_path=model_dir, samples=m.corpus.samples, options={'batch_size': 2})
   runstate.save(path, fingerprint_=fp, next_batch=1, taps=m.acc.taps, extra={'tokens': 10})
-  with pytest.raises(UserError, match='made with a different data_path, dtype, max_samples, max_seq_len, max_shapes;'):
+  with pytest.raises(UserError, match='made with a different data_path, dtype, max_samples, max_seq_len, max_shapes, shape_cost_tokens;'):
     measure.measure(options(model_dir, long_corpus, tmp_path, resume=True))
   # A state saved with exactly these flags, then another checkpoint of the same name.
   fp = runstate.fingerprint(model_path=model_dir, samples=m.corpus.samples, options={
       'batch_size': 2, 'max_seq_len': 32768, 'max_samples': 2000, 'dtype': 'float32', 'max_shapes': 8,
-      'data_path': long_corpus})
+      'shape_cost_tokens': data.SHAPE_COST_TOKENS, 'data_path': long_corpus})
   runstate.save(path, fingerprint_=fp, next_batch=1, taps=m.acc.taps, extra={'tokens': 10})
   import shutil
   impostor = tmp_path / 'elsewhere' / 'qwen3'
