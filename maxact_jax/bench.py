@@ -42,6 +42,9 @@ SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_ke
 VOCAB = 8192
 NUM_SAMPLES = 256
 MIN_LEN, MAX_LEN = 32, 1024
+# In the corpus file's name: a bench directory kept from an earlier definition of the
+# corpus gets a new file rather than silently timing the old one.
+CORPUS_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -173,7 +176,8 @@ def end_to_end(model_dir: str, data_path: str, out: str, batch_size: int) -> dic
 def bench(opts: BenchOptions) -> dict[str, Any]:
   results.ensure_output_dir(opts.output_dir)  # a file there is a UserError
   model_dir = build_checkpoint(os.path.join(opts.output_dir, 'bench-qwen3'))
-  data_path = build_corpus(model_dir, os.path.join(opts.output_dir, 'bench_ids.jsonl'), opts.num_samples)
+  corpus_name = f'bench_ids_v{CORPUS_VERSION}_{opts.num_samples}.jsonl'
+  data_path = build_corpus(model_dir, os.path.join(opts.output_dir, corpus_name), opts.num_samples)
   config = load_config(model_dir)
   corpus = data.load_corpus(data_path, vocab_size=config.vocab_size)
   plan = data.plan_batches(corpus.lengths, opts.batch_size)  # as measure plans them
