@@ -16,7 +16,8 @@ One run on this machine, ratios measured side by side:
 
 The bench checkpoint is a random-init qwen3 (hidden 512, 8 layers, 8 heads, 4
 kv heads, intermediate 1536, vocab 8192); the corpus is 256 samples of the
-built-in corpus, 32 to 1,024 tokens, in the reference's input_ids format.
+built-in corpus (its own length plan at twice the budgets), 32 to 1,024 tokens,
+in the reference's input_ids format.
 """
 
 from __future__ import annotations
