@@ -227,6 +227,21 @@ def _selected(fn: Callable, x: Array, p: dict[str, Array], every_layer: bool):
   return jax.lax.cond(p['sel'], fn, zeros, x, p)
 
 
+def _selected_handler(compute: Callable, valid: Array, qp: dict[str, Any],
+                      every_layer: frozenset[str]) -> capture.Handler:
+  """A handler running compute(x, this tap's inputs) on the taps `qp` selects: at
+  every layer for the suffixes in `every_layer` (and model-level taps), else on
+  the selected layers only (`_selected`)."""
+
+  def handle(call: capture.TapCall, x: Array):
+    p = _inputs_of(qp, call)
+    if p is None or not _btf(x, valid):
+      return x, None
+    return x, _selected(compute, x, p, call.suffix in every_layer or not call.in_layer)
+
+  return handle
+
+
 def linear_bins(a: Array, upper: Array, bins: int) -> Array:
   """The reference's bin of each |x| in a linear histogram over [0, upper]: int32, same shape."""
   # Parity with the reference: (|x| / upper) * (bins - 1) in float32, floored, clamped.
@@ -258,13 +273,7 @@ def histogram_handler(valid: Array, qp: dict[str, Any], bins: int, every_layer: 
     return {'lin_hist': stats.row_histogram(idx, ok, bins), 'log_hist': log_hist, 'log_zero': log_zero,
             'log_count': log_count}
 
-  def handle(call: capture.TapCall, x: Array):
-    p = _inputs_of(qp, call)
-    if p is None or not _btf(x, valid):
-      return x, None
-    return x, _selected(compute, x, p, call.suffix in every_layer or not call.in_layer)
-
-  return handle
+  return _selected_handler(compute, valid, qp, every_layer)
 
 
 def error_handler(valid: Array, qp: dict[str, Any], formats: tuple[Format, Format],
@@ -303,13 +312,7 @@ def error_handler(valid: Array, qp: dict[str, Any], formats: tuple[Format, Forma
         'clipped': jnp.stack(clipped),
     }
 
-  def handle(call: capture.TapCall, x: Array):
-    p = _inputs_of(qp, call)
-    if p is None or not _btf(x, valid):
-      return x, None
-    return x, _selected(compute, x, p, call.suffix in every_layer or not call.in_layer)
-
-  return handle
+  return _selected_handler(compute, valid, qp, every_layer)
 
 
 def make_pass_step(config: ModelConfig, dtype: Any, handler: Callable[..., capture.Handler]) -> Callable:
