@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from maxact_jax import data, measure, stats, torch_reference
+from maxact_jax import crosscheck, data, measure, stats, torch_reference
 from maxact_jax.config import load_config
 
 HIST_BIN = (stats.HIST_LOG_MAX - stats.HIST_LOG_MIN) / stats.HIST_BINS
@@ -113,3 +113,14 @@ def assert_measure_matches_reference(model_dir: str, corpus: str, output_dir: st
   assert list(doc['per_layer_stats']) == list(ref)  # same taps in the same (forward) order
   # 30 statistics per activation tap (basic, Sun, quantiles, top-K), 7 per mlp_gate tap.
   assert checked == 30 * (len(ref) - n_layers) + 7 * n_layers
+
+
+def assert_crosscheck_passed(report: dict, max_rel_err: float | None = 1e-5) -> None:
+  """A float32 crosscheck report: passed, every tap compared, each within `max_rel_err`
+  (None: the caller checks the errors its own way), the logits agreeing."""
+  assert report['passed'], crosscheck.format_report(report)
+  assert report['missing_taps'] == []
+  if max_rel_err is not None:
+    assert max(r['rel_err'] for r in report['taps'].values()) < max_rel_err
+  assert report['logits']['top1_agreement'] == 1.0
+  assert report['logits']['kl'] < 1e-9

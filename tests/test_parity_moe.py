@@ -180,16 +180,13 @@ def test_crosscheck_passes(model_type, moe_checkpoint, ids_corpus, tmp_path):
   report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
       model_path=model_dir, data_path=ids_corpus, num_samples=6, max_seq_len=40, output_dir=str(tmp_path)),
       hf_model=hf_model)
-  assert report['passed'], crosscheck.format_report(report)
-  assert report['missing_taps'] == [] and report['skipped_taps'] == []
+  parity_utils.assert_crosscheck_passed(report)
+  assert report['skipped_taps'] == []
   compared = [n for n in expected_taps(model_type)
               if not n.endswith('_moe_experts') and not (n.endswith('_router_logits') and model_type != 'gpt_oss')]
   assert list(report['taps']) == compared
-  assert max(r['rel_err'] for r in report['taps'].values()) < 1e-5
   # Order-one activations: the float32 tolerance is tight relative to them.
   assert min(r['ref_max_abs'] for n, r in report['taps'].items() if n.endswith('_mlp_output')) > 0.5
-  assert report['logits']['top1_agreement'] == 1.0
-  assert report['logits']['kl'] < 1e-9
 
 
 @pytest.mark.parametrize('where, first', [

@@ -286,14 +286,11 @@ def test_moe_measure_matches_reference_pipeline(checkpoint, tmp_path):
 
 
 def _assert_crosscheck(report):
-  assert report['passed'], crosscheck.format_report(report)
-  assert report['missing_taps'] == []
+  parity_utils.assert_crosscheck_passed(report, max_rel_err=None)
   assert report['batch_shape'][1] > deltanet.CHUNK_SIZE  # several chunks
   # Relative to each tap's own scale (the contract's max(1, .) is lenient on small taps).
   worst = max(r['max_abs_err'] / r['ref_max_abs'] for r in report['taps'].values() if r['ref_max_abs'])
   assert worst < 1e-5, crosscheck.format_report(report)
-  assert report['logits']['top1_agreement'] == 1.0
-  assert report['logits']['kl'] < 1e-9
 
 
 def test_crosscheck_passes_text_model(checkpoint, long_corpus, hf_text_model):
