@@ -59,6 +59,7 @@ def bad_inputs(checkpoint, ids_corpus, tmp_path):
   empty.write_text('\n')
   cases['empty corpus'] = ([f'--model_path={good}', f'--data_path={empty}'], 'corpus is empty')
   cases['batch size 0'] = ([f'--model_path={good}', f'--data_path={ids_corpus}', '--batch_size=0'], 'batch_size must be a positive')
+  cases['negative shape cost'] = ([f'--model_path={good}', f'--data_path={ids_corpus}', '--shape_cost_tokens=-1'], 'shape_cost_tokens must be 0 or positive')
   cases['unknown dtype'] = ([f'--model_path={good}', f'--data_path={ids_corpus}', '--dtype=int4'], 'dtype=int4 is not supported')
   a_file = tmp_path / 'a_file'
   a_file.write_text('x')
