@@ -24,5 +24,6 @@ def test_bench_writes_its_figures_and_an_input_ids_corpus(tmp_path, capsys):
   rows = [json.loads(line) for line in open(result['data_path'])]
   lengths = np.array([len(r['input_ids']) for r in rows])
   assert len(rows) == 6 and lengths.min() >= bench.MIN_LEN and lengths.max() <= bench.MAX_LEN
+  assert np.median(lengths) > 512  # the built-in length plan at twice its budgets (512 at most at once)
   corpus = data.load_corpus(result['data_path'], vocab_size=bench.VOCAB)
   assert corpus.num_tokens == result['tokens'] == lengths.sum()
