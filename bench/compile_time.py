@@ -7,7 +7,7 @@ segment, so the compile time does not grow with the number of layers. Also
 prints XLA's own memory analysis of the compiled step beside `maxact-jax
 plan`'s activation estimate for the same shapes.
 
-  python bench/compile_time.py [--model_path=../shared/real-configs/Qwen3-32B]
+  python bench/compile_time.py [--model_path=configs/real/Qwen3-32B]
       [--depths=4,64] [--batch_size=1] [--seq_len=2048] [--dtype=bfloat16]
 
 Prints one JSON object.
@@ -31,7 +31,7 @@ from maxact_jax import parallel, plan  # pylint: disable=wrong-import-position
 from maxact_jax.config import parse_config, read_config_json  # pylint: disable=wrong-import-position
 from maxact_jax.models import transformer  # pylint: disable=wrong-import-position
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(REPO), 'shared', 'real-configs', 'Qwen3-32B')
+DEFAULT_MODEL = os.path.join(REPO, 'configs', 'real', 'Qwen3-32B')
 
 
 def compile_once(raw: dict, depth: int | None, dtype, batch: int, seq: int) -> dict:

@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)
 
 from converters import safetensors_io  # pylint: disable=wrong-import-position
 
-BASE_CONFIG = {  # Qwen3-8B's layer shapes (shared/real-configs/Qwen3-8B/config.json)
+BASE_CONFIG = {  # Qwen3-8B's layer shapes (configs/real/Qwen3-8B/config.json)
     'architectures': ['Qwen3ForCausalLM'], 'model_type': 'qwen3', 'attention_bias': False, 'head_dim': 128,
     'hidden_act': 'silu', 'hidden_size': 4096, 'intermediate_size': 12288, 'max_position_embeddings': 40960,
     'max_window_layers': 36, 'num_attention_heads': 32, 'num_key_value_heads': 8, 'rms_norm_eps': 1e-06,

@@ -7,9 +7,9 @@ token, and per-token time relative to the shortest length; then the slope of
 log(time) against log(length), which is 1 for linear growth and 2 for
 quadratic. The default shapes are small enough for a laptop CPU; pass
 `--config` with a checkpoint's config.json to time its real linear-attention
-shapes (e.g. shared/real-configs/Qwen3.5-9B on an accelerator).
+shapes (e.g. configs/real/Qwen3.5-9B on an accelerator).
 
-  python bench/deltanet_scaling.py [--config=.../config.json] [--lengths=512,...,8192]
+  python bench/deltanet_scaling.py [--config=configs/real/Qwen3.5-9B/config.json] [--lengths=512,...,8192]
 """
 
 from __future__ import annotations

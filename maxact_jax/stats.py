@@ -1,6 +1,6 @@
 """Per-tap statistics: on-device reduction to mergeable state, float64 host merge.
 
-The contract (shared/DESIGN.md) follows the reference pipeline exactly:
+The contract (the design notes of the README) follows the reference pipeline exactly:
 
 - over valid (unpadded) positions: mean, std = sqrt(max(0, E[x^2] - E[x]^2)),
   abs_mean, rms, max, min, count;

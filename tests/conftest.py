@@ -21,14 +21,12 @@ import pytest  # noqa: E402
 from maxact_jax import fixtures  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), 'shared')
-REAL_CONFIGS = os.path.join(SHARED, 'real-configs')
-REFERENCE_RESULTS = os.path.join(SHARED, 'reference-results')
-
-# The real configs and the paper's result files sit beside the checkout (../shared);
-# tests that read them skip, saying why, on a machine without that folder.
-needs_real_configs = pytest.mark.skipif(not os.path.isdir(REAL_CONFIGS),
-                                        reason=f'real configs not found at {REAL_CONFIGS}')
+# The real config.json files of the paper's checkpoints (configs/real/SOURCES.md says
+# where each came from) and the paper's published result files (tests/data/
+# reference-results/SOURCES.md): both live in the repository, so a clone needs nothing
+# beside it.
+REAL_CONFIGS = os.path.join(REPO, 'configs', 'real')
+REFERENCE_RESULTS = os.path.join(REPO, 'tests', 'data', 'reference-results')
 
 
 class CheckpointFactory:

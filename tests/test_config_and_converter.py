@@ -18,7 +18,7 @@ from maxact_jax import capture
 from maxact_jax.config import load_config, parse_config
 from maxact_jax.errors import UserError
 from maxact_jax.models import transformer
-from tests.conftest import REAL_CONFIGS, needs_real_configs
+from tests.conftest import REAL_CONFIGS
 
 DENSE_REAL = ['Qwen2.5-1.5B-Instruct', 'Qwen2.5-7B', 'Qwen2.5-7B-Instruct', 'Qwen2.5-32B',
               'Qwen2.5-32B-Instruct', 'Qwen3-1.7B', 'Qwen3-8B', 'Qwen3-32B']
@@ -78,7 +78,6 @@ def test_qwen2_sliding_window_layers_follow_max_window_layers():
   assert c.sliding_window == 16
 
 
-@needs_real_configs
 @pytest.mark.parametrize('name', DENSE_REAL)
 def test_real_configs_build_at_full_size(name):
   config = load_config(os.path.join(REAL_CONFIGS, name))
@@ -109,7 +108,6 @@ def meta_state_keys(name: str) -> list[str]:
   return keys
 
 
-@needs_real_configs
 @pytest.mark.parametrize('name', ['Qwen3-8B', 'Qwen2.5-1.5B-Instruct'])
 def test_real_config_key_coverage_is_exact(name):
   config = load_config(os.path.join(REAL_CONFIGS, name))

@@ -9,9 +9,9 @@ checkpoint's tensor names exactly.
 - GLM-4.5 (glm4_moe): transformers' default Glm4MoeConfig, which is that shape, with
   GLM-4.5's head_dim 128 (the default leaves head_dim to hidden // heads = 42, which
   our parser refuses: 96 heads do not divide 4096);
-- Ling-mini-2.0 (bailing_moe): no config.json copy exists in shared/real-configs;
+- Ling-mini-2.0 (bailing_moe): no config.json copy exists in configs/real;
   the shape below is the published config as transcribed in public test fixtures
-  (see shared/real-configs/SOURCES.md, LING_ARCH.md). Its parameter count is checked
+  (see configs/real/SOURCES.md, LING_ARCH.md). Its parameter count is checked
   against the transformers glm4_moe model of the same function, and its tensor names
   are that model's, in the Ling layout of maxact_jax.fixtures_moe.
 """

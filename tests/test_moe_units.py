@@ -20,6 +20,7 @@ from maxact_jax import stats, torch_reference
 from maxact_jax.config import MoEConfig, load_config, parse_config
 from maxact_jax.errors import UserError
 from maxact_jax.models import moe
+from tests.conftest import REAL_CONFIGS
 
 # ---------------------------------------------------------------------------
 # Dispatch: every (token, expert) assignment goes through its expert, none dropped.
@@ -285,8 +286,7 @@ def test_qwen3_moe_sparse_step_and_expert_count_names():
 
 
 def test_gpt_oss_quantization_config():
-  raw = json.load(open(os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'real-configs', 'gpt-oss-20b',
-                                    'config.json')))
+  raw = json.load(open(os.path.join(REAL_CONFIGS, 'gpt-oss-20b', 'config.json')))
   c = parse_config(raw)
   assert c.moe.num_experts == 32 and c.moe.swiglu_alpha == 1.702 and c.attention_sinks and c.norm_weight_fp32
   assert c.layer_types[:2] == ('sliding_attention', 'full_attention') and c.sliding_window == 128

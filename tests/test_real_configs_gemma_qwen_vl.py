@@ -1,7 +1,7 @@
 """Full-size checks with the paper checkpoints' real config.json, no weights loaded.
 
 For gemma-2b, gemma-3-4b-it, gemma-3-27b-it, Qwen2.5-VL-3B/7B-Instruct (from
-shared/real-configs) and a gemma2 config written with the fields the released
+configs/real) and a gemma2 config written with the fields the released
 gemma-2 checkpoints use:
 - our ModelConfig reads what transformers reads (dimensions, layer kinds,
   windows, query scale, rope frequencies per layer kind, soft-caps, tying);
@@ -35,7 +35,7 @@ from maxact_jax.models import layers, transformer
 from tests.conftest import REAL_CONFIGS
 
 REAL = ['gemma-2b', 'gemma-3-4b-it', 'gemma-3-27b-it', 'Qwen2.5-VL-3B-Instruct', 'Qwen2.5-VL-7B-Instruct']
-# Not a verified copy of google/gemma-2-9b's file (none is in shared/real-configs): its
+# Not a verified copy of google/gemma-2-9b's file (none is in configs/real): its
 # public architecture with the legacy fields the released gemma-2 configs carry.
 GEMMA2_9B = {
     'architectures': ['Gemma2ForCausalLM'], 'attention_bias': False, 'attention_dropout': 0.0,

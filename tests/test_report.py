@@ -1,7 +1,6 @@
 """Tests of the cross-model report (maxact_jax/report.py) and its command.
 
-The reference files are the paper's own results, in shared/reference-results
-beside the repository. The paper's MoE/dense ratios need three checkpoints
+The reference files are the paper's own results, in tests/data/reference-results. The paper's MoE/dense ratios need three checkpoints
 that are not there (Qwen3-32B, Qwen3.5-27B, Qwen3.5-35B-A3B): minimal
 synthetic files carry their published peaks (35,328 at layer_44_hidden;
 1,848 at layer_63_hidden; 132 at layer_39_hidden).
@@ -18,10 +17,10 @@ import pytest
 
 from maxact_jax import cli, report
 from maxact_jax.errors import UserError
+from tests.conftest import REAL_CONFIGS as _REAL_CONFIGS, REFERENCE_RESULTS
 
-SHARED = Path(__file__).resolve().parents[2] / 'shared'
-REF = SHARED / 'reference-results'
-REAL_CONFIGS = SHARED / 'real-configs'
+REF = Path(REFERENCE_RESULTS)
+REAL_CONFIGS = Path(_REAL_CONFIGS)
 
 # (model, signed global max, location) of the 7 reference activation-stats files.
 REF_PEAKS = {
@@ -37,8 +36,6 @@ REF_PEAKS = {
 
 @pytest.fixture(scope='module')
 def ref_dir() -> Path:
-  if not REF.is_dir():
-    pytest.skip(f'reference results not found at {REF} (shared/ is a sibling of the repository)')
   return REF
 
 
@@ -137,8 +134,6 @@ def test_estimate_params_by_hand():
     ('gpt-oss-20b', 20.9e9), ('gemma-2b', 2.51e9)])
 def test_estimate_params_real_configs(model, published):
   path = REAL_CONFIGS / model / 'config.json'
-  if not path.is_file():
-    pytest.skip(f'{path} not found')
   n = report.estimate_params(json.loads(path.read_text()))
   assert abs(n / published - 1) < 0.01, n
 
