@@ -57,7 +57,7 @@ def load_params(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32,
 
 def convert(model_dir: str, out_dir: str, dtype: Any = jnp.bfloat16, log: Callable | None = None) -> dict:
   """Convert a safetensors checkpoint once to an orbax model directory (see orbax_io)."""
-  from maxact_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  from maxact_jax.families import load_config  # pylint: disable=import-outside-toplevel
 
   return orbax_io.convert(model_dir, out_dir, dtype, weight_map(load_config(model_dir)), log)
 

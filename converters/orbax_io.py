@@ -39,8 +39,9 @@ import numpy as np
 
 from converters.safetensors_io import Checkpoint
 from converters.weight_map import WeightMap, build_row, check_coverage, plan, row_shape, unflatten
-from maxact_jax.config import ModelConfig, load_config
+from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 
 FORMAT = 'maxact-orbax'
 CONVERTER_VERSION = 1  # bump when the layout or a conversion rule changes

@@ -696,7 +696,7 @@ def default_focus(doc: Mapping[str, Any], anat: Mapping[str, Any]) -> tuple[int 
 def run_anatomy(opts: AnatomyOptions) -> AnatomyResult:
   """Read measure's outputs, apply the channel rule, compute the surface, render the views."""
   from maxact_jax import measure  # pylint: disable=import-outside-toplevel
-  from maxact_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  from maxact_jax.families import load_config  # pylint: disable=import-outside-toplevel
 
   opts.rule.check()
   name = results.model_name_of(opts.model_path)

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxact_jax import atomic, data, fixtures, measure, results
-from maxact_jax.config import ModelConfig, load_config
+from maxact_jax.config import ModelConfig
+from maxact_jax.families import load_config
 
 SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
              intermediate_size=1536)

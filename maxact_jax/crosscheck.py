@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxact_jax import capture, data, results
-from maxact_jax.config import load_config
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 
 # Relative tolerance per dtype: float32 is the contract; bf16/fp16 are reported.

@@ -34,8 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxact_jax import anatomy, capture, data, measure, results
-from maxact_jax.config import ModelConfig, load_config
+from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 
 Array = jax.Array

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxact_jax import anatomy, capture, data, parallel, results, runstate, stats
-from maxact_jax.config import ModelConfig, load_config, read_config_json
+from maxact_jax.config import ModelConfig, read_config_json
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float16}

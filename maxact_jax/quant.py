@@ -61,8 +61,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maxact_jax import capture, data, measure, results, stats
-from maxact_jax.config import ModelConfig, load_config, read_config_json
+from maxact_jax.config import ModelConfig, read_config_json
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 
 Array = jax.Array

@@ -17,8 +17,9 @@ import converters
 from converters import mxfp4
 from converters.safetensors_io import Checkpoint, write_safetensors
 from maxact_jax import stats, torch_reference
-from maxact_jax.config import MoEConfig, load_config, parse_config
+from maxact_jax.config import MoEConfig
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.models import moe
 from tests.conftest import REAL_CONFIGS
 

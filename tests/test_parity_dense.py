@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from maxact_jax import crosscheck, measure
-from maxact_jax.config import load_config
+from maxact_jax.families import load_config
 from tests import parity_utils
 
 DENSE = ['llama', 'qwen2', 'qwen3']

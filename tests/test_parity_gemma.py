@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from maxact_jax import capture, crosscheck, measure, torch_reference
-from maxact_jax.config import load_config, parse_config
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.models import layers
 from tests import parity_utils
 from tests.conftest import REAL_CONFIGS, REFERENCE_RESULTS

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from maxact_jax import capture, crosscheck, data, fixtures, measure, stats, torch_reference
-from maxact_jax.config import load_config
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 from tests import parity_utils
 from tests.conftest import write_ids_corpus

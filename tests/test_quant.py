@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from maxact_jax import capture, cli, fixtures, measure, quant, stats
-from maxact_jax.config import load_config
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 from tests.conftest import REFERENCE_RESULTS, write_ids_corpus
 

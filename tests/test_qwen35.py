@@ -23,8 +23,9 @@ import converters
 from converters.safetensors_io import Checkpoint, write_safetensors
 from converters.weight_map import check_coverage, plan, resolve_layout
 from maxact_jax import capture, crosscheck, fixtures, measure
-from maxact_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, load_config, parse_config
+from maxact_jax.config import FULL_ATTENTION, LINEAR_ATTENTION
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.models import deltanet, transformer
 from tests import parity_utils
 from tests.conftest import REAL_CONFIGS, REFERENCE_RESULTS, write_ids_corpus

@@ -30,7 +30,7 @@ flags.DEFINE_boolean('json', False, 'Print the plan as JSON.', flag_values=FLAGS
 
 def run() -> int:
   from maxact_jax import plan, results  # pylint: disable=import-outside-toplevel
-  from maxact_jax.config import load_config  # pylint: disable=import-outside-toplevel
+  from maxact_jax.families import load_config  # pylint: disable=import-outside-toplevel
 
   if not FLAGS.model_path:
     raise UserError('--model_path is required (a directory holding config.json)')
