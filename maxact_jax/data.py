@@ -24,6 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from maxact_jax import atomic
+from maxact_jax.corpus import builtin_corpus
 from maxact_jax.errors import UserError
 
 TOKENIZER_FILE = 'tokenizer.json'
@@ -322,9 +323,7 @@ def load_corpus(path: str, *, vocab_size: int, max_samples: int | None = None,
 def load_builtin(tokenizer: Tokenizer, *, vocab_size: int, seed: int = 0, num_samples: int | None = None,
                  max_seq_len: int | None = None) -> Corpus:
   """The built-in corpus, its documents cut to their token budgets in the checkpoint's tokenizer."""
-  from maxact_jax import corpus as builtin  # pylint: disable=import-outside-toplevel
-
-  samples = builtin.builtin_corpus(seed, num_samples, cut_to_tokens=tokenizer.cut)
+  samples = builtin_corpus(seed, num_samples, cut_to_tokens=tokenizer.cut)
   ids = tokenizer.encode([s['text'] for s in samples])
   return _make_corpus(ids, [s['category'] for s in samples], f'built-in corpus (seed {seed})',
                       vocab_size, max_seq_len)
