@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import io
 import json
 import math
 import os
@@ -34,7 +33,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from maxact_jax import atomic
+import numpy as np
+
+from maxact_jax import anatomy, atomic, plots
 from maxact_jax.errors import UserError
 from maxact_jax.stats import is_activation_tap
 
@@ -586,8 +587,6 @@ ANATOMY_VIEWS = ('layerwise', 'channels', 'surface')
 
 def anatomy_entry(path: Path, results_dir: Path) -> dict[str, Any] | None:
   """The anatomy of the model of an activation-stats file, condensed; None without an anatomy file."""
-  from maxact_jax import anatomy  # pylint: disable=import-outside-toplevel
-
   stem = path.name[:-len(ACTIVATION_SUFFIX)]
   apath = path.with_name(stem + anatomy.ANATOMY_SUFFIX)
   if not apath.is_file():
@@ -627,22 +626,19 @@ def anatomy_plot_name(model_name: str, view: str) -> str:
 
 def anatomy_plots(summary: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, bytes]:
   """The anatomy views of one model: {file name: PNG}, from the summary and the .npz files it names."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from maxact_jax import anatomy  # pylint: disable=import-outside-toplevel
-
   a = model.get('anatomy')
   if not a:
     return {}
   name = model['model_name']
   out = {}
   if a.get('layerwise'):
-    png = anatomy.plot_layerwise(a['layerwise'], name)
+    png = plots.plot_layerwise(a['layerwise'], name)
     if png:
       out[anatomy_plot_name(name, 'layerwise')] = png
   root = Path(summary['results_dir'])
   if a.get('channels_file') and (root / a['channels_file']).is_file():
     layers, absmax, _ = anatomy.read_channels(str(root / a['channels_file']))
-    png = anatomy.plot_channels(layers, absmax, a.get('outlier_channels') or [], name)
+    png = plots.plot_channels(layers, absmax, a.get('outlier_channels') or [], name)
     if png:
       out[anatomy_plot_name(name, 'channels')] = png
   if a.get('surface_file') and (root / a['surface_file']).is_file():
@@ -654,11 +650,11 @@ def anatomy_plots(summary: Mapping[str, Any], model: Mapping[str, Any]) -> dict[
     surf['sample'], surf['layer'] = int(surf['sample']), int(surf['layer'])
     if 'tokens' in surf:
       surf['tokens'] = [str(t) for t in surf['tokens']]
-    out[anatomy_plot_name(name, 'surface')] = anatomy.plot_surface(surf, name)
+    out[anatomy_plot_name(name, 'surface')] = plots.plot_surface(surf, name)
   return out
 
 
-def _anatomy_sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[tuple[str, list['_Block']]]:
+def _anatomy_sections(summary: Mapping[str, Any], plot_files: Sequence[str]) -> list[tuple[str, list['_Block']]]:
   sections = []
   for m in summary['models']:
     a = m.get('anatomy')
@@ -698,7 +694,7 @@ def _anatomy_sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[
     }
     for view in ANATOMY_VIEWS:
       file = anatomy_plot_name(m['model_name'], view)
-      if file in plots:
+      if file in plot_files:
         blocks += [captions[view], _Image(file, f'{m["model_name"]}: {view}')]
     sections.append((f'Outlier anatomy: {m["model_name"]}', blocks))
   return sections
@@ -833,7 +829,7 @@ class _Image:
 _Block = str | _Table | _Image  # a str is a paragraph
 
 
-def _sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[tuple[str, list[_Block]]]:
+def _sections(summary: Mapping[str, Any], plot_files: Sequence[str]) -> list[tuple[str, list[_Block]]]:
   """The report's content, rendered to Markdown and HTML by the writers below."""
   models = summary['models']
   rs = summary['residual_stream_max']
@@ -890,7 +886,7 @@ def _sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[tuple[st
       PLOT_TOPK: 'Top-K scan: top-1 / mean of top-5 of each residual layer; entries of the '
                  'global top-K equal to the top-1.',
   }
-  for p in plots:
+  for p in plot_files:
     plot_blocks += [captions.get(p, p), _Image(p, titles.get(p, p))]
   sections.append(('Plots', plot_blocks))
 
@@ -913,7 +909,7 @@ def _sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[tuple[st
   if summary['no_topk']:
     scan_blocks.append('No top-K data for: ' + ', '.join(summary['no_topk']) + '.')
   sections.append(('Top-K scan', scan_blocks))
-  return sections + _anatomy_sections(summary, plots)
+  return sections + _anatomy_sections(summary, plot_files)
 
 
 def _layer_span(layers: Sequence[int]) -> str:
@@ -924,9 +920,9 @@ def _layer_span(layers: Sequence[int]) -> str:
   return ', '.join(f'L{i}' for i in layers)
 
 
-def render_markdown(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
+def render_markdown(summary: Mapping[str, Any], plot_files: Sequence[str]) -> str:
   out = ['# maxact-jax cross-model report', '']
-  for title, blocks in _sections(summary, plots):
+  for title, blocks in _sections(summary, plot_files):
     out += [f'## {title}', '']
     for b in blocks:
       if isinstance(b, _Table):
@@ -958,11 +954,11 @@ code { background: #f5f5f5; padding: 0 3px; }
 """
 
 
-def render_html(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
+def render_html(summary: Mapping[str, Any], plot_files: Sequence[str]) -> str:
   out = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
          '<title>maxact-jax cross-model report</title>', f'<style>{_CSS}</style>', '</head><body>',
          '<h1>maxact-jax cross-model report</h1>']
-  for title, blocks in _sections(summary, plots):
+  for title, blocks in _sections(summary, plot_files):
     out.append(f'<h2>{html.escape(title)}</h2>')
     for b in blocks:
       if isinstance(b, _Table):
@@ -997,36 +993,13 @@ def _styles(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   return {m['model_name']: _style(i) for i, m in enumerate(summary['models'])}
 
 
-def _figure(width: float, height: float):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  fig = Figure(figsize=(width, height), dpi=110)
-  FigureCanvasAgg(fig)
-  return fig
-
-
-def _png(fig) -> bytes:
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', bbox_inches='tight')
-  return buf.getvalue()
-
-
-def _log_axis(ax, label: str) -> None:
-  from matplotlib.ticker import LogLocator  # pylint: disable=import-outside-toplevel
-  ax.set_yscale('log')
-  ax.yaxis.set_major_locator(LogLocator(base=10))
-  ax.set_ylabel(label)
-  ax.grid(True, which='major', axis='y', alpha=0.35)
-  ax.grid(True, which='minor', axis='y', alpha=0.1)
-
-
 def plot_residual(summary: Mapping[str, Any]) -> bytes | None:
   """Layerwise max |x| of the residual stream, one line per model, by relative depth."""
   models = [m for m in summary['models'] if m['residual_layerwise']['layer']]
   if not models:
     return None
   styles = _styles(summary)
-  fig = _figure(11, max(6.0, 0.22 * len(models) + 1))
+  fig = plots.figure(11, max(6.0, 0.22 * len(models) + 1))
   ax = fig.add_subplot()
   for m in models:
     rl = m['residual_layerwise']
@@ -1043,10 +1016,10 @@ def plot_residual(summary: Mapping[str, Any]) -> bytes | None:
     ax.plot([xs[peak]], [ys[peak]], marker='o', markersize=5, color=style['color'])
   ax.set_xlim(-0.02, 1.02)
   ax.set_xlabel('relative depth: layer index / (number of layers - 1)')
-  _log_axis(ax, 'max |x| of the layer output (residual stream)')
+  plots.log_axis(ax, 'max |x| of the layer output (residual stream)')
   ax.set_title('Residual stream: largest |activation| per layer')
   ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-  return _png(fig)
+  return plots.png(fig)
 
 
 def plot_components(summary: Mapping[str, Any]) -> bytes | None:
@@ -1059,7 +1032,7 @@ def plot_components(summary: Mapping[str, Any]) -> bytes | None:
   colors = ('#8c8c8c', '#2ca02c', '#ff7f0e', '#1f77b4', '#9467bd')
   n = len(models)
   width = 0.8 / len(groups)
-  fig = _figure(max(8.0, 0.8 * n + 2), 5.5)
+  fig = plots.figure(max(8.0, 0.8 * n + 2), 5.5)
   ax = fig.add_subplot()
   for g, ((label, comps), color) in enumerate(zip(groups, colors)):
     xs, ys = [], []
@@ -1073,10 +1046,10 @@ def plot_components(summary: Mapping[str, Any]) -> bytes | None:
   ax.set_xticks(range(n))
   ax.set_xticklabels([m['model_name'] for m in models], rotation=30, ha='right')
   ax.set_xlim(-0.6, n - 0.4)
-  _log_axis(ax, 'peak |x| (max over the component\'s taps)')
+  plots.log_axis(ax, 'peak |x| (max over the component\'s taps)')
   ax.set_title('Peak |activation| per component')
   ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-  return _png(fig)
+  return plots.png(fig)
 
 
 def plot_topk(summary: Mapping[str, Any]) -> bytes | None:
@@ -1085,7 +1058,7 @@ def plot_topk(summary: Mapping[str, Any]) -> bytes | None:
   if not scans:
     return None
   styles = _styles(summary)
-  fig = _figure(14, max(5.2, 0.3 * len(scans) + 1.5))
+  fig = plots.figure(14, max(5.2, 0.3 * len(scans) + 1.5))
   ax, bx = fig.subplots(1, 2, gridspec_kw={'width_ratios': [2.2, 1], 'wspace': 0.45})
   for s in scans:
     rows = [r for r in s['per_layer'] if r['top1_over_top5_mean'] is not None]
@@ -1117,7 +1090,7 @@ def plot_topk(summary: Mapping[str, Any]) -> bytes | None:
   bx.set_xlabel('entries of the global top-K equal to the top-1')
   bx.set_title('Saturation')
   bx.grid(True, axis='x', alpha=0.3)
-  return _png(fig)
+  return plots.png(fig)
 
 
 def write_report(summary_or_dir: Mapping[str, Any] | str | os.PathLike[str],
@@ -1141,23 +1114,23 @@ def write_report(summary_or_dir: Mapping[str, Any] | str | os.PathLike[str],
     raise UserError(f'cannot create output dir {out}: {e}') from None
 
   written: dict[str, Path] = {}
-  plots = []
+  plot_files = []
   for name, make in ((PLOT_RESIDUAL, plot_residual), (PLOT_COMPONENTS, plot_components),
                      (PLOT_TOPK, plot_topk)):
     png = make(summary)
     if png is not None:
       atomic.write_bytes(out / name, png)
       written[name] = out / name
-      plots.append(name)
+      plot_files.append(name)
   for m in summary['models']:
     for name, png in anatomy_plots(summary, m).items():
       atomic.write_bytes(out / name, png)
       written[name] = out / name
-      plots.append(name)
+      plot_files.append(name)
   write_json(out / SUMMARY_FILE, summary)
   written[SUMMARY_FILE] = out / SUMMARY_FILE
-  for name, text in (('report.md', render_markdown(summary, plots)),
-                     ('report.html', render_html(summary, plots))):
+  for name, text in (('report.md', render_markdown(summary, plot_files)),
+                     ('report.html', render_html(summary, plot_files))):
     atomic.write_bytes(out / name, text.encode('utf-8'))
     written[name] = out / name
   return written
