@@ -2,9 +2,10 @@
 
 No pyplot and no global backend: `figure` makes a Figure on its own Agg
 canvas, `png` renders it to bytes, `log_axis` is the log-scale axis the
-magnitude plots share. The views of the outlier anatomy (`plot_surface`,
-`plot_layerwise`, `plot_channels`) are drawn here for the `anatomy` job and
-for the cross-model report alike.
+magnitude plots share. The cross-model report's plots (`plot_residual`,
+`plot_components`, `plot_topk`, from a report summary) and the views of the
+outlier anatomy (`plot_surface`, `plot_layerwise`, `plot_channels`) are drawn
+here, for `maxact_jax.report_render` and the `anatomy` job alike.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import math
 from typing import Any, Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -20,6 +22,7 @@ from matplotlib.ticker import LogLocator, MaxNLocator
 from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  pylint: disable=unused-import  (registers the '3d' projection)
 
 from maxact_jax.anatomy import token_label
+from maxact_jax.report import fmt_value
 
 
 def figure(width: float, height: float) -> Figure:
@@ -42,6 +45,124 @@ def log_axis(ax, label: str) -> None:
   ax.set_ylabel(label)
   ax.grid(True, which='major', axis='y', alpha=0.35)
   ax.grid(True, which='minor', axis='y', alpha=0.1)
+
+
+# ---------------------------------------------------------------------------
+# The cross-model report's plots.
+
+
+_LINESTYLES = ('-', '--', '-.', ':')
+
+
+def _style(i: int) -> dict[str, Any]:
+  """A distinct (colour, line style) for the i-th model: 10 colours x 4 styles."""
+  colors = matplotlib.colormaps['tab10'].colors
+  return {'color': colors[i % len(colors)], 'linestyle': _LINESTYLES[(i // len(colors)) % len(_LINESTYLES)]}
+
+
+def _styles(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """One style per model, by its place in the models table, shared by all plots."""
+  return {m['model_name']: _style(i) for i, m in enumerate(summary['models'])}
+
+
+def plot_residual(summary: Mapping[str, Any]) -> bytes | None:
+  """Layerwise max |x| of the residual stream, one line per model, by relative depth."""
+  models = [m for m in summary['models'] if m['residual_layerwise']['layer']]
+  if not models:
+    return None
+  styles = _styles(summary)
+  fig = figure(11, max(6.0, 0.22 * len(models) + 1))
+  ax = fig.add_subplot()
+  for m in models:
+    rl = m['residual_layerwise']
+    pts = [(l, v) for l, v in zip(rl['layer'], rl['max_abs'])
+           if isinstance(v, (int, float)) and 0 < v < math.inf]
+    if not pts:
+      continue
+    n = m['num_hidden_layers'] or (pts[-1][0] + 1)
+    xs = [l / max(n - 1, 1) for l, _ in pts]
+    ys = [v for _, v in pts]
+    peak = max(range(len(ys)), key=ys.__getitem__)
+    style = styles[m['model_name']]
+    ax.plot(xs, ys, linewidth=1.6, label=f'{m["model_name"]} (max {fmt_value(ys[peak])})', **style)
+    ax.plot([xs[peak]], [ys[peak]], marker='o', markersize=5, color=style['color'])
+  ax.set_xlim(-0.02, 1.02)
+  ax.set_xlabel('relative depth: layer index / (number of layers - 1)')
+  log_axis(ax, 'max |x| of the layer output (residual stream)')
+  ax.set_title('Residual stream: largest |activation| per layer')
+  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+  return png(fig)
+
+
+def plot_components(summary: Mapping[str, Any]) -> bytes | None:
+  """Grouped bars: peak |x| per component (embedding, attention, MLP/MoE, residual, final norm)."""
+  models = summary['models']
+  if not models:
+    return None
+  groups = [('embedding', ('embedding',)), ('attention', ('attention',)), ('MLP / MoE', ('mlp', 'moe')),
+            ('residual stream', ('residual',)), ('final norm', ('final_norm',))]
+  colors = ('#8c8c8c', '#2ca02c', '#ff7f0e', '#1f77b4', '#9467bd')
+  n = len(models)
+  width = 0.8 / len(groups)
+  fig = figure(max(8.0, 0.8 * n + 2), 5.5)
+  ax = fig.add_subplot()
+  for g, ((label, comps), color) in enumerate(zip(groups, colors)):
+    xs, ys = [], []
+    for i, m in enumerate(models):
+      vals = [m['component_peaks'][c] for c in comps if c in m['component_peaks']]
+      v = max(vals) if vals else None
+      if v is not None and 0 < v < math.inf:
+        xs.append(i - 0.4 + width * (g + 0.5))
+        ys.append(v)
+    ax.bar(xs, ys, width=width, color=color, label=label)
+  ax.set_xticks(range(n))
+  ax.set_xticklabels([m['model_name'] for m in models], rotation=30, ha='right')
+  ax.set_xlim(-0.6, n - 0.4)
+  log_axis(ax, 'peak |x| (max over the component\'s taps)')
+  ax.set_title('Peak |activation| per component')
+  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+  return png(fig)
+
+
+def plot_topk(summary: Mapping[str, Any]) -> bytes | None:
+  """Top-1 / mean(top-5) per residual layer; saturation of the global top-K per model."""
+  scans = summary['topk_scan']
+  if not scans:
+    return None
+  styles = _styles(summary)
+  fig = figure(14, max(5.2, 0.3 * len(scans) + 1.5))
+  ax, bx = fig.subplots(1, 2, gridspec_kw={'width_ratios': [2.2, 1], 'wspace': 0.45})
+  for s in scans:
+    rows = [r for r in s['per_layer'] if r['top1_over_top5_mean'] is not None]
+    if not rows:
+      continue
+    n = s['num_layers'] or (rows[-1]['layer'] + 1)
+    rows = [r for r in rows if r['layer'] < n]
+    ax.plot([r['layer'] / max(n - 1, 1) for r in rows], [r['top1_over_top5_mean'] for r in rows],
+            linewidth=1.6, marker='.', label=s['model_name'], **styles[s['model_name']])
+  ax.axhline(1.0, color='#999', linewidth=0.8)
+  ax.set_xlim(-0.02, 1.02)
+  ax.set_xlabel('relative depth: layer index / (number of layers - 1)')
+  ax.set_ylabel('top-1 / mean of top-5 |x| (residual stream)')
+  ax.set_title('Concentration of the largest activations per layer')
+  ax.grid(True, alpha=0.3)
+  ax.legend(loc='upper right', fontsize=9, frameon=False, ncol=1 if len(scans) <= 8 else 2)
+
+  names = [s['model_name'] for s in scans]
+  counts = [s['saturation']['count'] for s in scans]
+  ys = range(len(scans))
+  bx.barh(ys, counts, height=0.6, color=[styles[s['model_name']]['color'] for s in scans])
+  for y, s in zip(ys, scans):
+    bx.text(s['saturation']['count'], y, f'  {s["saturation"]["count"]} of {s["k"]} at '
+            f'{fmt_value(s["top1_signed"])}', va='center', fontsize=9)
+  bx.set_yticks(list(ys))
+  bx.set_yticklabels(names)
+  bx.set_ylim(max(len(scans), 4) - 0.5, -0.5)  # first model on top; thin bars when few
+  bx.set_xlim(0, max(s['k'] for s in scans) * 1.5)
+  bx.set_xlabel('entries of the global top-K equal to the top-1')
+  bx.set_title('Saturation')
+  bx.grid(True, axis='x', alpha=0.3)
+  return png(fig)
 
 
 # ---------------------------------------------------------------------------

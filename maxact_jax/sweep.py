@@ -11,7 +11,7 @@ the measure command's own flag set, so a config means exactly what
   or interrupted run never leaves one behind: results are written atomically);
 - carries on after a model fails, lists the failures at the end and returns
   them, so the caller can exit non-zero;
-- writes the cross-model report (`maxact_jax.report`) over the output folder.
+- writes the cross-model report (`maxact_jax.report_render`) over the output folder.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 
-from maxact_jax import measure, report, results
+from maxact_jax import measure, report_render, results
 from maxact_jax.errors import UserError
 
 ACTIVATION_SUFFIX = '_activation_stats.json'
@@ -161,7 +161,7 @@ def run(entries: Sequence[SweepEntry], output_dir: str, report_dir: str, pairs: 
     log(f'{head}: global max {m.doc["global_max_activation"]:.6g} at {m.doc["global_max_location"]} '
         f'({time.perf_counter() - t0:.1f} s)')
   try:
-    result.report_files = report.write_report(output_dir, report_dir, pairs)
+    result.report_files = report_render.write_report(output_dir, report_dir, pairs)
   except UserError as e:
     result.report_error = str(e)
   return result
