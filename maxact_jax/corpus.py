@@ -41,7 +41,7 @@ import os
 import random
 import statistics
 import sysconfig
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from maxact_jax import corpus_gen
 from maxact_jax import corpus_lang
