@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from maxact_jax import anatomy, anatomy_pass, atomic, data, measure, plots, results
+from maxact_jax import anatomy, anatomy_pass, atomic, data, measure, measure_step, plots, results
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
 
@@ -87,13 +87,13 @@ def run_anatomy(opts: AnatomyOptions) -> AnatomyResult:
     if not 0 <= sample < len(corpus.samples):
       raise UserError(f'--sample={sample} is not in the corpus ({len(corpus.samples)} samples)')
     dtype_name = opts.dtype or run_info.get('dtype') or 'float32'
-    params = measure.load_params(opts.model_path, config, dtype_name)
+    params = measure_step.load_params(opts.model_path, config, dtype_name)
     around = None
     peak = next((e for e in anat.get('residual_peaks', []) if e['layer'] == layer and e.get('sample') == sample),
                 None)
     if peak is not None:
       around = peak['position']
-    surf = anatomy_pass.surface(config, params, measure.DTYPES[dtype_name], corpus.samples[sample], layer,
+    surf = anatomy_pass.surface(config, params, measure_step.DTYPES[dtype_name], corpus.samples[sample], layer,
                                 opts.surface_tokens, around)
     tokenizer = data.Tokenizer.maybe(opts.model_path)
     texts = tokenizer.decode_each(surf['token_ids']) if tokenizer else None

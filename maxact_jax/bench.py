@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import atomic, data, fixtures, measure, results
+from maxact_jax import atomic, data, fixtures, measure_step, results
 from maxact_jax.config import ModelConfig
 from maxact_jax.families import load_config
 
@@ -184,9 +184,9 @@ def bench(opts: BenchOptions) -> dict[str, Any]:
   corpus = data.load_corpus(data_path, vocab_size=config.vocab_size)
   plan = data.plan_batches(corpus.lengths, opts.batch_size)  # as measure plans them
   batches = list(data.iter_batches(corpus, plan, config.pad_token_id or 0))
-  params = measure.load_params(model_dir, config, 'float32')
-  forward = measure.make_forward(config, jnp.float32)
-  step = measure.make_stats_step(config, jnp.float32)
+  params = measure_step.load_params(model_dir, config, 'float32')
+  forward = measure_step.make_forward(config, jnp.float32)
+  step = measure_step.make_stats_step(config, jnp.float32)
   compile_s = {'forward': 0.0, 'stats': 0.0}
   for shape in plan.shapes:  # compile every shape first: the timed passes measure execution
     ids, valid = jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import capture, data, results
+from maxact_jax import capture, data, measure_step, results
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
 from maxact_jax.models import transformer
@@ -77,12 +77,10 @@ def torch_taps(model, batch: data.Batch) -> tuple[dict[str, np.ndarray], np.ndar
 
 def jax_taps(model_path: str, batch: data.Batch, dtype: str, params=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Raw tap outputs and logits from the Flax model, as float32 numpy."""
-  from maxact_jax import measure  # pylint: disable=import-outside-toplevel
-
   config = load_config(model_path)
   if params is None:
-    params = measure.load_params(model_path, config, dtype)
-  model = transformer.build(config, measure.DTYPES[dtype])
+    params = measure_step.load_params(model_path, config, dtype)
+  model = transformer.build(config, measure_step.DTYPES[dtype])
 
   @jax.jit
   def forward(p, ids, valid):
