@@ -11,6 +11,7 @@ from converters.safetensors_io import Checkpoint
 from converters.weight_map import WeightMap, check_coverage, load, plan, resolve_layout
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 
 # model_type -> its WeightMap, or a function of the config giving one (a map whose
 # keys depend on sizes, e.g. one checkpoint tensor per expert).
@@ -57,8 +58,6 @@ def load_params(model_dir: str, config: ModelConfig, dtype: Any = jnp.float32,
 
 def convert(model_dir: str, out_dir: str, dtype: Any = jnp.bfloat16, log: Callable | None = None) -> dict:
   """Convert a safetensors checkpoint once to an orbax model directory (see orbax_io)."""
-  from maxact_jax.families import load_config  # pylint: disable=import-outside-toplevel
-
   return orbax_io.convert(model_dir, out_dir, dtype, weight_map(load_config(model_dir)), log)
 
 

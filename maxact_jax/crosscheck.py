@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converters import orbax_io
 from maxact_jax import capture, data, measure_step, results
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
@@ -56,8 +57,10 @@ def sample_batch(opts: CrosscheckOptions, vocab_size: int) -> data.Batch:
 
 def torch_taps(model, batch: data.Batch) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Raw tap outputs and logits from transformers, as float32 numpy."""
+  # Optional PyTorch side; measuring never imports it.
   import torch  # pylint: disable=import-outside-toplevel
 
+  # It imports torch (the optional PyTorch side).
   from maxact_jax import torch_reference  # pylint: disable=import-outside-toplevel
 
   taps: dict[str, np.ndarray] = {}
@@ -138,8 +141,6 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> dict
 def reference_checkpoint(model_path: str) -> str:
   """The Hugging Face directory transformers loads: a converted orbax directory's recorded
   source (so the check covers the conversion too), else the directory itself."""
-  from converters import orbax_io  # pylint: disable=import-outside-toplevel
-
   if not orbax_io.is_orbax_dir(model_path):
     return model_path
   source = orbax_io.read_metadata(model_path).get('source', {}).get('path', '')
@@ -159,6 +160,7 @@ def crosscheck(opts: CrosscheckOptions, params=None, hf_model=None) -> dict[str,
   tol = opts.tolerance if opts.tolerance is not None else TOLERANCE[opts.dtype]
   batch = sample_batch(opts, config.vocab_size)
   if hf_model is None:
+    # It imports torch (the optional PyTorch side).
     from maxact_jax import torch_reference  # pylint: disable=import-outside-toplevel
 
     hf_model = torch_reference.load_hf_model(reference_checkpoint(opts.model_path), opts.dtype)

@@ -22,6 +22,7 @@ import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import tokenizers
 
 from maxact_jax import atomic
 from maxact_jax.corpus import builtin_corpus
@@ -82,6 +83,7 @@ FORMATS_HELP = ('JSON lines (.jsonl), Parquet (.parquet) or a Hugging Face datas
 
 def _pyarrow():
   try:
+    # Optional: Arrow and Parquet corpora only.
     import pyarrow  # pylint: disable=import-outside-toplevel
     import pyarrow.ipc  # pylint: disable=import-outside-toplevel,unused-import
     import pyarrow.parquet  # pylint: disable=import-outside-toplevel,unused-import
@@ -184,7 +186,6 @@ class Tokenizer:
     if not os.path.isfile(file):
       raise UserError(f'{path} has no {TOKENIZER_FILE}: text corpora need the checkpoint\'s tokenizer '
                       '(or give token ids with input_ids)')
-    import tokenizers  # pylint: disable=import-outside-toplevel
     try:
       self._tok = tokenizers.Tokenizer.from_file(file)
     except Exception as e:  # the library raises plain Exceptions on bad files

@@ -19,7 +19,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, MaxNLocator
-from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  pylint: disable=unused-import  (registers the '3d' projection)
+# Registers the '3d' projection.
+from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  pylint: disable=unused-import
 
 from maxact_jax.anatomy import token_label
 from maxact_jax.report import fmt_value

@@ -59,8 +59,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from maxact_jax import capture, data, measure, measure_step, results, stats
+import converters
+from maxact_jax import capture, data, measure, measure_step, report, results, stats
 from maxact_jax.config import ModelConfig, read_config_json
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
@@ -545,7 +547,6 @@ def _run_pass(step, params, corpus: data.Corpus, opts: QuantOptions, pad_id: int
   plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes)
   bar = None
   if opts.progress:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm(total=corpus.num_tokens, unit='tok', unit_scale=True, desc=f'  {desc}', file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
   t0 = time.perf_counter()
@@ -564,7 +565,6 @@ def quant(opts: QuantOptions) -> QuantResult:
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   config = load_config(opts.model_path)
-  import converters  # pylint: disable=import-outside-toplevel
   converters.check_checkpoint(opts.model_path, config, measure_step.DTYPES[opts.dtype])
   stats_path = opts.stats_path
   if stats_path is None:
@@ -706,8 +706,6 @@ def quant(opts: QuantOptions) -> QuantResult:
 
 
 def _family(model_name: str) -> str:
-  from maxact_jax import report  # pylint: disable=import-outside-toplevel
-
   return report.family_from_name(model_name)
 
 

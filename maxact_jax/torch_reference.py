@@ -15,6 +15,7 @@ and the final norm.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 
 from maxact_jax import stats
+from maxact_jax.config import read_config_json
+from maxact_jax.errors import UserError
 
 TapCallback = Callable[[str, torch.Tensor], None]
 
@@ -307,10 +310,8 @@ def load_hf_model(model_path: str, dtype: str = 'float32', attn_implementation: 
   named .py files, as Ling 2.0's do) is loaded with it (trust_remote_code), as the
   reference pipeline does.
   """
+  # Seconds to import; only loading a model needs it.
   import transformers  # pylint: disable=import-outside-toplevel
-
-  from maxact_jax.config import read_config_json  # pylint: disable=import-outside-toplevel
-  from maxact_jax.errors import UserError  # pylint: disable=import-outside-toplevel
 
   kwargs: dict[str, Any] = {'dtype': getattr(torch, dtype)}
   if attn_implementation:
@@ -350,10 +351,6 @@ def run_reference(model, samples: list[list[int]], batch_size: int = 8, pad_id: 
 
 
 def main(argv: list[str] | None = None) -> int:
-  import argparse  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-
   parser = argparse.ArgumentParser(description='The reference pipeline (PyTorch): per-tap statistics.')
   parser.add_argument('--model_path', required=True)
   parser.add_argument('--data_path', required=True, help='jsonl with input_ids per line')

@@ -111,7 +111,8 @@ def run() -> int:
 
 def _measure_fn():
   """measure_fn(path, size, repeat) for bootstrap.write_subsets: one measure per subset."""
-  from maxact_jax import measure  # pylint: disable=import-outside-toplevel  (JAX only when measuring)
+  # Start-up: JAX only when measuring.
+  from maxact_jax import measure  # pylint: disable=import-outside-toplevel
 
   def measure_subset(path: str, size: int, repeat: int) -> dict:
     out = os.path.join(FLAGS.output_dir, str(size), f'r{repeat}')
