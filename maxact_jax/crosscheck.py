@@ -176,7 +176,7 @@ def crosscheck(opts: CrosscheckOptions, params=None, hf_model=None) -> dict[str,
       first_failure = name
   # Taps of layers past the decoder stack: MTP layers some remote code runs inside
   # the base model (Ling 2.0); not part of the forward pass we measure.
-  skipped = [name for name in ref_taps if name not in our_taps and _past_stack(name, config.num_hidden_layers)]
+  skipped = [name for name in ref_taps if name not in our_taps and past_stack(name, config.num_hidden_layers)]
   missing = [name for name in ref_taps if name not in our_taps and name not in skipped]
   logits = compare_logits(our_logits, ref_logits, batch.valid)
   passed = first_failure is None and not missing
@@ -200,7 +200,8 @@ def crosscheck(opts: CrosscheckOptions, params=None, hf_model=None) -> dict[str,
   return report
 
 
-def _past_stack(name: str, num_layers: int) -> bool:
+def past_stack(name: str, num_layers: int) -> bool:
+  """A `layer_{i}_...` tap with i beyond the decoder stack (an MTP layer, not measured)."""
   parts = name.split('_')
   return len(parts) > 2 and parts[0] == 'layer' and parts[1].isdigit() and int(parts[1]) >= num_layers
 

@@ -55,7 +55,7 @@ def _first(out):
   return out[0] if isinstance(out, tuple) else out
 
 
-def _router_output(out, prefer_logits: bool):
+def router_output(out, prefer_logits: bool):
   """The router hook's tensor: its first output, as the reference takes it.
 
   Ling's remote-code gate returns (topk_idx, topk_weight, logits), so the
@@ -75,7 +75,7 @@ def register_taps(model: torch.nn.Module, callback: TapCallback, router_logits: 
   """Forward hooks that call `callback(tap_name, tensor)`; returns the handles.
 
   router_logits: take a router's logits where its first output is integer
-  (see `_router_output`); False reproduces the reference exactly.
+  (see `router_output`); False reproduces the reference exactly.
   """
   base = text_backbone(model)
   handles = []
@@ -104,7 +104,7 @@ def register_taps(model: torch.nn.Module, callback: TapCallback, router_logits: 
       hook(mlp, moe_out)
       router = getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)
       if router is not None:
-        hook(router, lambda o, i=i: callback(f'layer_{i}_moe_gate', _router_output(o, router_logits)))
+        hook(router, lambda o, i=i: callback(f'layer_{i}_moe_gate', router_output(o, router_logits)))
     else:
       hook(mlp, lambda o, i=i: callback(f'layer_{i}_mlp_output', o))
       if hasattr(mlp, 'gate_proj'):
