@@ -21,7 +21,6 @@ from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
 
 
-
 @dataclasses.dataclass
 class AnatomyOptions:
   model_path: str

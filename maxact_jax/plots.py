@@ -170,7 +170,6 @@ def plot_topk(summary: Mapping[str, Any]) -> bytes | None:
 # The views of the outlier anatomy.
 
 
-
 def _pool_columns(a: np.ndarray, max_cols: int) -> tuple[np.ndarray, int]:
   """Max-pool the last axis into at most `max_cols` blocks (a peak never vanishes); (pooled, block)."""
   block = max(1, math.ceil(a.shape[-1] / max_cols))

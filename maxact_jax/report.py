@@ -605,7 +605,6 @@ def anatomy_entry(path: Path, results_dir: Path) -> dict[str, Any] | None:
   }
 
 
-
 # ---------------------------------------------------------------------------
 # The summary.
 
@@ -703,7 +702,6 @@ def fmt_ratio(r: float | None) -> str:
   if not math.isfinite(r):
     return str(r)
   return f'{r:.1f}x' if r >= 1 else f'{r:.2g}x'
-
 
 
 def headline(summary: Mapping[str, Any]) -> str:
