@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow test-all bench clean
+.PHONY: setup demo test test-slow test-all bench device-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ test-all: setup
 
 bench: setup
 	$(VENV)/bin/maxact-jax bench --output_dir=runs/bench
+
+# On a machine with a GPU or TPU whose Python already holds JAX, flax, orbax,
+# transformers and torch: no virtual environment, nothing installed; about 8
+# minutes, everything under OUT (docs/performance.md). SMALL=1: CPU-sized shapes.
+OUT ?= runs/device-check
+device-check:
+	$(PYTHON) bench/device_check.py --output_dir=$(OUT) $(if $(SMALL),--small)
 
 clean:
 	rm -rf runs/demo runs/bench

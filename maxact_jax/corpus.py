@@ -229,6 +229,16 @@ def _budget(rng: random.Random) -> int:
   return int(round(low * (high / low) ** rng.random()))
 
 
+def length_plan_mean(scale: float = 1.0) -> float:
+  """The mean token budget of LENGTH_PLAN as `_budget` draws it (uniform in a narrow
+  band, log-uniform in a wide one), every budget times `scale`: what a corpus on the
+  built-in plan holds per sample, for projections (`maxact-jax bench --config_path`)."""
+  mean = 0.0
+  for share, low, high in LENGTH_PLAN:
+    mean += share * ((low + high) / 2 if high <= 2 * low else (high - low) / math.log(high / low))
+  return mean * scale
+
+
 def _category_documents(category: str, count: int, seed: int, seen: set[str],
                         length_scale: int = 1) -> list[tuple[str, int, str]]:
   """(document, token budget, portable cut) of `count` samples, distinct in their portable cut."""

@@ -26,7 +26,7 @@ import converters
 from maxact_jax import anatomy, capture, data, parallel, stats
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
-from maxact_jax.models import transformer
+from maxact_jax.models import layers, transformer
 
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float16}
 
@@ -139,6 +139,22 @@ def device_memory_bytes() -> int:
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
 
 
+def matmul_peak_flops(dtype: Any, repeats: int = 10) -> float:
+  """One device's matmul rate in `dtype` under the model's matmul policy (FLOP/s), the
+  best of `repeats`: a square product large enough for the device (4096 on an
+  accelerator, 1024 on the CPU)."""
+  n = 1024 if jax.default_backend() == 'cpu' else 4096
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda x, y: layers.matmul(x, y, dtype))
+  f(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
 def check_memory(steps: CompiledSteps, plan: data.BatchPlan, capacity: int, headroom: float = 0.9) -> int | None:
   """Compile the largest batch shape and refuse a run that cannot fit on one device.
 
@@ -173,4 +189,4 @@ def load_params(model_path: str, config: ModelConfig, dtype_name: str, step: par
 
 
 __all__ = ['DTYPES', 'Accumulator', 'CompiledSteps', 'check_memory', 'device_memory_bytes', 'load_params',
-           'make_forward', 'make_stats_step', 'run', 'step_memory_bytes']
+           'make_forward', 'make_stats_step', 'matmul_peak_flops', 'run', 'step_memory_bytes']

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from maxact_jax import capture, parallel
-from maxact_jax.config import LINEAR_ATTENTION, ModelConfig
+from maxact_jax.config import LINEAR_ATTENTION, SLIDING_ATTENTION, ModelConfig
 from maxact_jax.errors import UserError
 from maxact_jax.models import transformer
 from maxact_jax.parallel import AUTO, MESH, NONE, PMAP, param_spec
@@ -104,6 +104,48 @@ def activation_bytes(config: ModelConfig, dtype: Any, rows: int, seq: int) -> in
     width = m.num_experts_per_tok * m.moe_intermediate_size + m.shared_expert_intermediate_size
     parts.append(3 * tokens * width * s + tokens * m.num_experts * 4)
   return resid + max(parts)
+
+
+MATRICES = ('kernel', 'gate_up_proj', 'down_proj')  # the parameter names of matmul weights
+
+
+def matmul_params_per_token(config: ModelConfig) -> float:
+  """Weights one token multiplies in the decoder stack: every Linear kernel and expert
+  matrix of the layers (an expert's times top_k / num_experts); not the embedding (a
+  lookup) nor the LM head (the statistics step computes no logits)."""
+  total = 0.0
+  params = transformer.abstract_params(config, jnp.float32)
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params['model'])[0]:
+    path = tuple(getattr(k, 'key', str(k)) for k in key_path)
+    if path[-1] in MATRICES:
+      share = (config.moe.num_experts_per_tok / config.moe.num_experts
+               if is_expert_param(config, path) else 1.0)
+      total += math.prod(leaf.shape) * share
+  return total
+
+
+def model_flops(config: ModelConfig, rows: int, seq: int) -> float:
+  """Model FLOPs of one forward pass over rows x seq tokens, the measure of MFU: 2 per
+  weight per token (`matmul_params_per_token`), plus 4 x heads x head_dim per visible
+  (query, key) pair of causal attention (half the full square; a sliding window's
+  band), plus the delta rule of linear-attention layers (its state products and the
+  chunk's intra products). Padding counts as computed."""
+  tokens = rows * seq
+  flops = 2.0 * tokens * matmul_params_per_token(config)
+  h, hd = config.num_attention_heads, config.head_dim
+  for kind in config.layer_types:
+    if kind == LINEAR_ATTENTION:
+      la = config.linear_attention
+      # The delta rule per token and value head: three state products (dk x dv) and
+      # the chunk's intra products (64 keys, dk and dv wide), at 2 FLOPs each.
+      per = 2 * (3 * la.key_head_dim * la.value_head_dim + 64 * (la.key_head_dim + la.value_head_dim))
+      flops += tokens * la.num_value_heads * per
+      continue
+    window = config.sliding_window if kind == SLIDING_ATTENTION and config.sliding_window else seq
+    w = min(window, seq)
+    pairs = w * (w + 1) / 2 + (seq - w) * w  # visible (query, key) pairs of one row
+    flops += 4.0 * rows * pairs * h * hd
+  return flops
 
 
 def device_memory() -> tuple[int, str]:
@@ -335,5 +377,5 @@ def format_plan(p: dict[str, Any], name: str = '') -> str:
   return '\n'.join(lines)
 
 
-__all__ = ['Choice', 'activation_bytes', 'choose', 'device_memory', 'format_plan', 'is_expert_param',
+__all__ = ['Choice', 'MATRICES', 'activation_bytes', 'choose', 'matmul_params_per_token', 'model_flops', 'device_memory', 'format_plan', 'is_expert_param',
            'param_counts', 'plan', 'resolve_layout', 'weight_bytes']

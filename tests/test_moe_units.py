@@ -51,11 +51,10 @@ def test_grouped_ffn_matches_row_by_row(impl, tile, skewed):
   sizes = jnp.asarray(np.bincount(experts, minlength=e), jnp.int32)
   act = moe.expert_activation(MoEConfig(e, 2, i, swiglu_limit=1.0, swiglu_alpha=1.702))
   params = tuple(jnp.asarray(a) for a in (w_gu, b_gu, w_d, b_d))
-  prec = jax.lax.Precision.HIGHEST
   if impl == 'tiled':
-    got = moe.grouped_ffn_tiled(jnp.asarray(x), jnp.asarray(experts), sizes, params, act, prec, tile=tile)
+    got = moe.grouped_ffn_tiled(jnp.asarray(x), jnp.asarray(experts), sizes, params, act, jnp.float32, tile=tile)
   else:
-    got = moe.grouped_ffn_ragged(jnp.asarray(x), jnp.asarray(experts), sizes, params, act, prec)
+    got = moe.grouped_ffn_ragged(jnp.asarray(x), jnp.asarray(experts), sizes, params, act, jnp.float32)
 
   def np_act(g, u):
     g = np.minimum(g, 1.0)

@@ -12,6 +12,7 @@ equal float32 arithmetic and the statistics must agree bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -24,9 +25,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from maxact_jax import fixtures, measure, parallel, plan, stats
+from maxact_jax import bench_size, fixtures, measure, parallel, plan, stats
 from maxact_jax.families import load_config
-from tests.conftest import REPO, write_ids_corpus
+from maxact_jax.models import transformer
+from tests.conftest import REAL_CONFIGS, REPO, write_ids_corpus
 
 DEVICES = 8
 pytestmark = pytest.mark.skipif(
@@ -241,3 +243,30 @@ def test_pmap_moe_gives_the_single_device_statistics(moe_checkpoint, corpus, tmp
       assert a == b, where
 
   same(one.doc['moe'], many.doc['moe'], 'moe')
+
+
+def test_bench_params_are_made_in_the_mesh_layout():
+  """`bench --config_path` makes its random parameters straight into the mesh layout's
+  shardings: each device its own shards, the model's shapes and dtype, no LM head."""
+  config, _ = bench_size.load_bench_config(os.path.join(REAL_CONFIGS, 'Qwen3-8B'), num_layers=1)
+  # Qwen3-8B's structure at a width 8 CPU devices share quickly.
+  config = dataclasses.replace(config, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=64, vocab_size=1024)
+  layout = parallel.make_layout(parallel.MESH, 'data=1,fsdp=4,tensor=2', devices=jax.devices()[:8])
+  step = parallel.make_step(config, jnp.bfloat16, layout)
+  params = bench_size.init_params(config, jnp.bfloat16, step)
+  want = transformer.abstract_params(config, jnp.bfloat16)
+  assert 'lm_head' not in params
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(want['model'])[0]:
+    got = flat[(jax.tree_util.DictKey('model'),) + tuple(key_path)]
+    assert got.shape == leaf.shape and got.dtype == jnp.bfloat16
+  kernel = params['model']['layers']['mlp']['gate_proj']['kernel']  # [layers, in, out]
+  assert kernel.sharding.spec == parallel.param_spec(config, ('model', 'layers', 'mlp', 'gate_proj', 'kernel'),
+                                                     kernel.shape, layout.mesh.shape)
+  assert len({s.device for s in kernel.addressable_shards}) == 8
+  assert all(s.data.shape == (1, kernel.shape[1] // 4, kernel.shape[2] // 2) for s in kernel.addressable_shards)
+  values = np.asarray(kernel.astype(jnp.float32))
+  bound = np.sqrt(3 / kernel.shape[1])
+  assert np.abs(values).max() <= bound * (1 + 2**-8) and values.std() == pytest.approx(bound / np.sqrt(3), rel=0.05)
+  assert np.all(np.asarray(params['model']['norm']['weight'].astype(jnp.float32)) == 1)

@@ -131,12 +131,12 @@ def test_crosscheck_names_the_perturbed_tap(norm, clean, first_bad, checkpoint, 
 
 def test_embedding_scale_rounds_like_transformers():
   """sqrt(hidden) is cast to the weight dtype before the multiply: 55.5 for hidden 3072 in bf16."""
-  emb = layers.ScaledEmbedding(4, 3072, 3072**0.5, jnp.bfloat16)
+  emb = layers.Embedding(4, 3072, 3072**0.5, jnp.bfloat16)
   params = {'params': {'embedding': jnp.ones((4, 3072), jnp.bfloat16)}}
   out = emb.apply(params, jnp.array([[1, 2]]))
   assert out.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(out, np.float32), 55.5)
-  emb32 = layers.ScaledEmbedding(4, 3072, 3072**0.5, jnp.float32)
+  emb32 = layers.Embedding(4, 3072, 3072**0.5, jnp.float32)
   out32 = emb32.apply({'params': {'embedding': jnp.ones((4, 3072))}}, jnp.array([[1]]))
   np.testing.assert_array_equal(np.asarray(out32), np.float32(3072**0.5))
 

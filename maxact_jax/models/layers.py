@@ -25,15 +25,77 @@ Array = jax.Array
 DType = Any
 
 
+# ---------------------------------------------------------------------------
+# Matmuls: one policy for every product of the model (`precision_for`,
+# `accumulation_for`), applied by `einsum`, `matmul` and `Linear`.
+
+
 def precision_for(dtype: DType):
-  """float32 runs ask for full-precision matmuls (TPUs default to bf16 passes)."""
+  """float32 runs ask for full-precision matmuls on every backend (TPUs default to
+  bf16 passes, GPUs to TF32, either of which misses the float32 contract's 1e-4).
+  16-bit runs take the backend's default: their operands are already 16-bit."""
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def dense(features: int, name: str, *, dtype: DType, use_bias: bool = False) -> nn.Dense:
+def accumulation_for(dtype: DType):
+  """The result type a product of `dtype` operands is asked for: float32 for 16-bit
+  floats (then rounded once to `dtype`, where torch's bf16/fp16 matmul rounds), None
+  (the operands' type) otherwise.
+
+  Same numbers as a 16-bit result (every backend accumulates 16-bit products in
+  float32 and rounds once), but a faster program on the CPU: XLA:CPU computes a dot
+  with a bf16 *result* by converting both operands to float32 (the weights too, at
+  every call) and running its float32 kernel, whereas a float32 result lets it hand
+  the bf16 operands to its native bf16 kernel (YNNPACK's, avx512_bf16 where the CPU
+  has it; measured in the README's Performance section).
+  """
+  return jnp.float32 if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else None
+
+
+def einsum(spec: str, a: Array, b: Array, dtype: DType) -> Array:
+  """jnp.einsum of two `dtype` operands under the matmul policy, result in `dtype`."""
+  out = jnp.einsum(spec, a, b, precision=precision_for(dtype), preferred_element_type=accumulation_for(dtype))
+  return out.astype(dtype)
+
+
+def matmul(a: Array, b: Array, dtype: DType, bias: Array | None = None) -> Array:
+  """a [..., K] @ b [K, N] (+ bias [N]) under the matmul policy, result in `dtype`.
+
+  The bias joins the float32 accumulator before the one rounding (torch's addmm,
+  which F.linear with a bias is on the CPU).
+  """
+  acc = accumulation_for(dtype)
+  out = jnp.matmul(a, b, precision=precision_for(dtype), preferred_element_type=acc)
+  if bias is not None:
+    out = out + bias.astype(out.dtype)
+  return out.astype(dtype)
+
+
+def _linear_params(module: nn.Module, in_features: int, features: int, dtype: DType,
+                   use_bias: bool) -> tuple[Array, Array | None]:
+  # The names, shapes and initialisers of flax's nn.Dense.
+  kernel = module.param('kernel', nn.initializers.lecun_normal(), (in_features, features), dtype)
+  bias = module.param('bias', nn.initializers.zeros, (features,), dtype) if use_bias else None
+  return kernel, bias
+
+
+class Linear(nn.Module):
+  """A Linear with the HF name (`dense`); kernel [in, out] (the transpose of HF's weight),
+  applied by `matmul`."""
+
+  features: int
+  dtype: DType
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel, bias = _linear_params(self, x.shape[-1], self.features, self.dtype, self.use_bias)
+    return matmul(x.astype(self.dtype), kernel, self.dtype, bias)
+
+
+def dense(features: int, name: str, *, dtype: DType, use_bias: bool = False) -> Linear:
   """A Linear with the HF name; kernel is [in, out] (the transpose of HF's weight)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
-                  precision=precision_for(dtype), name=name)
+  return Linear(features, dtype, use_bias, name=name)
 
 
 class DenseParams(nn.Module):
@@ -46,9 +108,7 @@ class DenseParams(nn.Module):
 
   @nn.compact
   def __call__(self, in_features: int) -> tuple[Array, Array | None]:
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (in_features, self.features), self.dtype)
-    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.dtype) if self.use_bias else None
-    return kernel, bias
+    return _linear_params(self, in_features, self.features, self.dtype, self.use_bias)
 
 
 def fused_dense(x: Array, projections: list[tuple[str, int]], *, dtype: DType, use_bias: bool = False) -> list[Array]:
@@ -58,9 +118,8 @@ def fused_dense(x: Array, projections: list[tuple[str, int]], *, dtype: DType, u
   product as the separate Linear's, in the same dtype."""
   params = [DenseParams(n, dtype, use_bias, name=name)(x.shape[-1]) for name, n in projections]
   kernel = jnp.concatenate([k for k, _ in params], axis=1).astype(dtype)
-  y = jnp.dot(x.astype(dtype), kernel, precision=precision_for(dtype))
-  if use_bias:
-    y = y + jnp.concatenate([b for _, b in params]).astype(dtype)
+  bias = jnp.concatenate([b for _, b in params]) if use_bias else None
+  y = matmul(x.astype(dtype), kernel, dtype, bias)
   return jnp.split(y, np.cumsum([n for _, n in projections])[:-1].tolist(), axis=-1)
 
 
@@ -92,17 +151,53 @@ class RMSNorm(nn.Module):
     return weight * h.astype(input_dtype)
 
 
-class ScaledEmbedding(nn.Module):
-  """Token embedding scaled by `scale` inside the module (Gemma's sqrt(hidden)).
+# ---------------------------------------------------------------------------
+# Moving 16-bit floats as their bits. XLA:CPU computes a bf16 (or fp16) gather or
+# dynamic-slice in float32 (its float-normalization pass): it converts the whole
+# operand first, and out of a loop when the operand does not change in it (loop-
+# invariant code motion). A layer stack scanned over its stacked weights then
+# converts every weight of every layer to float32 at every call (twice the weights'
+# bytes in temporaries: about 30 GB for Qwen3-8B's 16 GB of bf16 weights), an
+# embedding lookup the whole table. Moved as uint16, the bits stay 16-bit (XLA:CPU
+# still copies a stack once per call, in its own size). On GPU and TPU, which slice
+# bf16 natively, the bitcasts change nothing.
 
-  As transformers' Gemma*TextScaledWordEmbedding, so that the `embedding_output`
-  tap (the embedding module's output) is the scaled value on both sides. The
-  table is the parameter `embedding` [V, D], like nn.Embed's.
+_BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
+
+
+def to_bits(tree: Any) -> Any:
+  """Every 16-bit float leaf of `tree` bitcast to uint16; other leaves as they are."""
+  return jax.tree_util.tree_map(
+      lambda a: jax.lax.bitcast_convert_type(a, _BITS[a.dtype]) if a.dtype in _BITS else a, tree)
+
+
+def from_bits(tree: Any, dtype: DType) -> Any:
+  """The inverse of `to_bits` for a model of `dtype`: uint16 leaves back to `dtype`."""
+  if jnp.dtype(dtype) not in _BITS:
+    return tree
+  return jax.tree_util.tree_map(
+      lambda a: jax.lax.bitcast_convert_type(a, dtype) if a.dtype == jnp.uint16 else a, tree)
+
+
+def take(a: Array, indices: Array, axis: int = 0) -> Array:
+  """jnp.take that moves 16-bit floats as their bits (see above)."""
+  if a.dtype not in _BITS:
+    return jnp.take(a, indices, axis=axis)
+  return jax.lax.bitcast_convert_type(jnp.take(to_bits(a), indices, axis=axis), a.dtype)
+
+
+class Embedding(nn.Module):
+  """Token embedding (transformers' `embed_tokens`): the table is the parameter
+  `embedding` [V, D], with nn.Embed's name and initialiser.
+
+  `scale` (Gemma's sqrt(hidden)) multiplies inside the module, as transformers'
+  Gemma*TextScaledWordEmbedding does, so that the `embedding_output` tap (the
+  embedding module's output) is the scaled value on both sides.
   """
 
   num_embeddings: int
   features: int
-  scale: float
+  scale: float | None
   dtype: DType
 
   @nn.compact
@@ -110,7 +205,9 @@ class ScaledEmbedding(nn.Module):
     """ids [B, T] int -> [B, T, D]."""
     table = self.param('embedding', nn.linear.default_embed_init, (self.num_embeddings, self.features),
                        self.dtype)
-    x = jnp.take(table, ids, axis=0)
+    x = take(table.astype(self.dtype), ids, axis=0)
+    if self.scale is None:
+      return x
     # Parity: transformers keeps the scale as a float32 buffer and casts it to the
     # weight dtype before the multiply (sqrt(3072) becomes 55.5 in bf16).
     return x * jnp.asarray(np.float32(self.scale)).astype(self.dtype)
@@ -273,7 +370,7 @@ class Attention(nn.Module):
 def _scaled_logits(q: Array, key: Array, c: ModelConfig, dtype: DType, spec: str) -> Array:
   # As transformers' eager path: logits in the activation dtype, times the scale,
   # then the optional soft-cap.
-  logits = jnp.einsum(spec, q, key, precision=precision_for(dtype)) * jnp.asarray(c.scale, dtype)
+  logits = einsum(spec, q, key, dtype) * jnp.asarray(c.scale, dtype)
   if c.attn_logit_softcap:
     cap = jnp.asarray(c.attn_logit_softcap, dtype)
     logits = jnp.tanh(logits / cap) * cap
@@ -298,7 +395,7 @@ def direct_attention(q: Array, key: Array, value: Array, mask: Array, c: ModelCo
   else:
     # Softmax in float32, then back to the activation dtype (transformers' eager).
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.einsum('BKGTS,BSKh->BTKGh', probs.astype(dtype), value, precision=precision_for(dtype))
+  return einsum('BKGTS,BSKh->BTKGh', probs.astype(dtype), value, dtype)
 
 
 def blocked_attention(q: Array, key: Array, value: Array, valid: Array, window: Array | int | None,
@@ -351,7 +448,7 @@ def blocked_attention(q: Array, key: Array, value: Array, valid: Array, window: 
       p = jnp.exp(s - m_new[..., None])
       scale = jnp.exp(m - m_new)
       l = l * scale + p.sum(axis=-1)
-      pv = jnp.einsum('BKGqk,BKkh->BKGqh', p.astype(dtype), vt[:, :, j], precision=precision_for(dtype))
+      pv = einsum('BKGqk,BKkh->BKGqh', p.astype(dtype), vt[:, :, j], dtype)
       return m_new, l, acc * scale[..., None] + pv.astype(jnp.float32)
 
     init = (jnp.full((b, k, g, block), neg, jnp.float32), jnp.zeros((b, k, g, block), jnp.float32),

@@ -136,11 +136,8 @@ class Router(nn.Module):
       # F.linear in the model dtype: float32 accumulation, the bias added before the
       # one rounding to the model dtype (torch's addmm), so that near-tied experts
       # are ranked on the same values.
-      logits = jnp.einsum('BTD,DE->BTE', x, kernel.astype(self.dtype), precision=layers.precision_for(self.dtype),
-                          preferred_element_type=jnp.float32)
-      if m.router_bias:
-        logits = logits + self.param('bias', nn.initializers.zeros, (m.num_experts,), pdtype).astype(jnp.float32)
-      logits = logits.astype(self.dtype)
+      bias = self.param('bias', nn.initializers.zeros, (m.num_experts,), pdtype) if m.router_bias else None
+      logits = layers.matmul(x, kernel.astype(self.dtype), self.dtype, bias)
     if m.router_fp32 and m.router_bias:
       logits = logits + self.param('bias', nn.initializers.zeros, (m.num_experts,), pdtype).astype(logits.dtype)
     correction = None
@@ -203,33 +200,34 @@ def sort_assignments(index: Array, num_experts: int) -> tuple[Array, Array, Arra
   return order, flat[order], sizes
 
 
-def _ffn(x, w_gate_up, b_gate_up, w_down, b_down, act, prec):
-  """One expert's FFN on rows x [m, D]: act(x W_gu + b) W_d + b."""
-  h = jnp.matmul(x, w_gate_up, precision=prec)
-  if b_gate_up is not None:
-    h = h + b_gate_up
-  gate, up = jnp.split(h, 2, axis=-1)
-  y = jnp.matmul(act(gate, up), w_down, precision=prec)
-  return y + b_down if b_down is not None else y
+def _ffn(x, w_gate_up, b_gate_up, w_down, b_down, act, dtype):
+  """One expert's FFN on rows x [m, D]: act(x W_gu + b) W_d + b (`layers.matmul`'s policy)."""
+  gate, up = jnp.split(layers.matmul(x, w_gate_up, dtype, b_gate_up), 2, axis=-1)
+  return layers.matmul(act(gate, up), w_down, dtype, b_down)
 
 
-def grouped_ffn_ragged(x, experts, sizes, params, act, prec, restore=None):
-  """All experts' FFNs on expert-sorted rows x [M, D] with `jax.lax.ragged_dot`.
+def grouped_ffn_ragged(x, experts, sizes, params, act, dtype, restore=None):
+  """All experts' FFNs on expert-sorted rows x [M, D] with `jax.lax.ragged_dot`
+  (`layers.matmul`'s policy: precision, accumulation, the bias before the rounding).
 
   Returns the output rows in sorted order, or permuted by `restore` ([M] indices
   into the sorted rows) when given.
   """
   w_gu, b_gu, w_d, b_d = params
-  h = jax.lax.ragged_dot(x, w_gu, sizes, precision=prec)
-  if b_gu is not None:
-    h = h + b_gu[experts]
-  gate, up = jnp.split(h, 2, axis=-1)
-  y = jax.lax.ragged_dot(act(gate, up), w_d, sizes, precision=prec)
-  y = y + b_d[experts] if b_d is not None else y
+
+  def product(a, w, bias):
+    out = jax.lax.ragged_dot(a, w, sizes, precision=layers.precision_for(dtype),
+                             preferred_element_type=layers.accumulation_for(dtype))
+    if bias is not None:
+      out = out + bias[experts].astype(out.dtype)
+    return out.astype(dtype)
+
+  gate, up = jnp.split(product(x, w_gu, b_gu), 2, axis=-1)
+  y = product(act(gate, up), w_d, b_d)
   return y if restore is None else y[restore]
 
 
-def grouped_ffn_tiled(x, experts, sizes, params, act, prec, restore=None, tile: int | None = None):
+def grouped_ffn_tiled(x, experts, sizes, params, act, dtype, restore=None, tile: int | None = None):
   """All experts' FFNs on expert-sorted rows x [M, D], one tile of rows at a time.
 
   Each expert's rows are padded to a multiple of `tile`; tile t belongs to one
@@ -252,7 +250,10 @@ def grouped_ffn_tiled(x, experts, sizes, params, act, prec, restore=None, tile: 
   def body(t, out):
     xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
     j = tile_expert[t]
-    y = _ffn(xt, w_gu[j], None if b_gu is None else b_gu[j], w_d[j], None if b_d is None else b_d[j], act, prec)
+    # The expert's weights by their bits (layers.take): a bf16 slice with an index
+    # from the loop would have XLA:CPU convert every expert to float32 first.
+    w = [None if a is None else layers.take(a, j) for a in (w_gu, b_gu, w_d, b_d)]
+    y = _ffn(xt, *w, act, dtype)
     return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile, 0)
 
   used = padded_end[-1] // tile
@@ -283,10 +284,9 @@ class Experts(nn.Module):
     order, experts, sizes = sort_assignments(index, e)
     rows = x[order // k]  # [M, D]
     params = (w_gu, b_gu, w_d, b_d)
-    prec = layers.precision_for(self.dtype)
     grouped = grouped_ffn_ragged if dispatch_impl() == 'ragged' else grouped_ffn_tiled
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    y = grouped(rows, experts, sizes, params, expert_activation(m), prec, restore=inverse).reshape(n, k, d)
+    y = grouped(rows, experts, sizes, params, expert_activation(m), self.dtype, restore=inverse).reshape(n, k, d)
     # Combine in float32 and cast once (Ling's moe_infer does this; transformers'
     # qwen3_moe/glm4_moe/gpt-oss accumulate with index_add_ in the model dtype: equal
     # in float32, within a bf16 rounding per add otherwise).

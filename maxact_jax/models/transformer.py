@@ -12,6 +12,7 @@ stacked along the repeat axis and are named per layer by `Segment.layer`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -210,6 +211,17 @@ def per_layer_inputs(config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
   return windows, rope_index
 
 
+def _bits_outside(module: type[nn.Module], dtype: Any, inner: bool, init: bool) -> type[nn.Module]:
+  """The scan slices each layer's weights out of their stacks as uint16 bits
+  (`layers.to_bits`: XLA:CPU would otherwise convert every stacked bf16 weight to
+  float32 at every call); the parameters stay in `dtype` outside the scan and inside
+  the layer. `inner`: the layer side (bits in, `dtype` within), else the stack side;
+  `init`: while initialising (the new parameters go through the inverse map)."""
+  to_dtype = functools.partial(layers.from_bits, dtype=dtype)
+  trans_in, trans_out = (to_dtype, layers.to_bits) if inner else (layers.to_bits, to_dtype)
+  return nn.map_variables(module, 'params', trans_in_fn=trans_in, trans_out_fn=trans_out, init=init)
+
+
 class Transformer(nn.Module):
   """The decoder backbone (transformers' `model`): returns the final-norm output."""
 
@@ -221,13 +233,9 @@ class Transformer(nn.Module):
   def __call__(self, input_ids: Array, valid: Array) -> Array:
     c = self.config
     b, t = input_ids.shape
-    if c.embed_scale:
-      # Gemma scales inside the embedding module, so the embedding tap sees the scaled value.
-      embed = layers.ScaledEmbedding(c.vocab_size, c.hidden_size, c.hidden_size**0.5, self.dtype,
-                                     name='embed_tokens')
-    else:
-      embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
-                       name='embed_tokens')
+    # Gemma scales inside the embedding module, so the embedding tap sees the scaled value.
+    embed = layers.Embedding(c.vocab_size, c.hidden_size, c.hidden_size**0.5 if c.embed_scale else None, self.dtype,
+                             name='embed_tokens')
     x = embed(input_ids)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     ropes = [c.rope] + ([c.local_rope] if c.local_rope is not None else [])
@@ -242,11 +250,12 @@ class Transformer(nn.Module):
         body, args, xs = DecoderLayer, (c, self.dtype, seg.kinds[0]), tuple(a[:, 0] for a in xs)
       else:
         body, args = LayerGroup, (c, self.dtype, seg.kinds)
-      scan = nn.scan(body,
+      scan = nn.scan(_bits_outside(body, self.dtype, True, self.is_initializing()),
                      variable_axes={'params': 0, **{col: 0 for col in TAP_COLLECTIONS}},
                      split_rngs={'params': True},
                      in_axes=(0, nn.broadcast),
                      length=seg.repeats)
+      scan = _bits_outside(scan, self.dtype, False, self.is_initializing())
       x, _ = scan(*args, name=seg.name)(x, tuple(jnp.asarray(a) for a in xs), ctx)
     return layers.RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='norm')(x)
 
@@ -275,8 +284,7 @@ class CausalLM(nn.Module):
     """
     if self.config.tie_word_embeddings:
       out = self.model.variables['params']['embed_tokens']['embedding']
-      out = jnp.einsum('...D,VD->...V', h, out.astype(self.dtype),
-                       precision=layers.precision_for(self.dtype))
+      out = layers.einsum('...D,VD->...V', h, out.astype(self.dtype), self.dtype)
     else:
       out = self.lm_head(h)
     if self.config.final_logit_softcap:
