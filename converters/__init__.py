@@ -7,8 +7,7 @@ from typing import Any, Callable
 import jax.numpy as jnp
 
 from converters import dense, gemma, moe, orbax_io, qwen35, qwen_vl
-from converters.safetensors_io import Checkpoint
-from converters.weight_map import WeightMap, check_coverage, load, plan, resolve_layout
+from converters.weight_map import WeightMap, check_coverage, load, open_checkpoint, plan, resolve_layout
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 
@@ -37,7 +36,7 @@ def check_checkpoint(model_dir: str, config: ModelConfig, dtype: Any = jnp.float
   if orbax_io.is_orbax_dir(model_dir):
     orbax_io.check(model_dir, config)
     return
-  keys = Checkpoint(model_dir).keys()
+  keys = open_checkpoint(model_dir, config).keys()
   config, wmap = resolve_layout(config, weight_map(config), keys, model_dir)
   check_coverage(plan(config, wmap, dtype, keys), keys, wmap, config, model_dir)
 

@@ -41,7 +41,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from maxact_jax import data, results, stats
+from maxact_jax import data, gguf_file, results, stats
+from maxact_jax.config import read_config_json
 from maxact_jax.errors import UserError
 
 ANATOMY_SUFFIX = '_anatomy.json'
@@ -88,9 +89,8 @@ def bos_token_id(model_path: str, tokenizer: data.Tokenizer | None) -> int | Non
     if isinstance(tok, str) and tokenizer.token_id(tok) is not None:
       return tokenizer.token_id(tok)
   path = os.path.join(model_path, 'config.json')
-  if os.path.isfile(path):
-    with open(path, encoding='utf-8') as f:
-      raw = json.load(f)
+  if os.path.isfile(path) or gguf_file.find(model_path):
+    raw = read_config_json(model_path)
     for cfg in (raw, raw.get('text_config') or {}):
       if isinstance(cfg.get('bos_token_id'), int):
         return cfg['bos_token_id']

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from maxact_jax import gguf_config, gguf_file
 from maxact_jax.errors import UserError
 
 # Layer kinds, per layer (ModelConfig.layer_types).
@@ -325,9 +326,13 @@ def read_rope(reader: ConfigReader, head_dim: int, *, theta_key: str = 'rope_the
 
 
 def read_config_json(model_dir: str) -> dict[str, Any]:
-  """The raw config.json of a checkpoint directory, with one-line errors."""
+  """The raw config.json of a checkpoint directory (for a GGUF file, the config.json
+  its metadata describes: see gguf_config), with one-line errors."""
   if not model_dir:
     raise UserError('no --model_path given')
+  gguf_path = gguf_file.find(model_dir)
+  if gguf_path:
+    return gguf_config.config_dict(gguf_file.open_file(gguf_path))
   if not os.path.exists(model_dir):
     raise UserError(f'model path {model_dir} does not exist')
   if not os.path.isdir(model_dir):
@@ -363,7 +368,8 @@ def parse_config(raw: dict[str, Any], where: str = 'config.json') -> ModelConfig
 
 
 def load_config(model_dir: str) -> ModelConfig:
-  return parse_config(read_config_json(model_dir), os.path.join(model_dir, 'config.json'))
+  where = gguf_file.find(model_dir) or os.path.join(model_dir or '', 'config.json')
+  return parse_config(read_config_json(model_dir), where)
 
 
 def default_head_dim(reader: ConfigReader) -> int:

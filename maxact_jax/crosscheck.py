@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import capture, data, results
+from maxact_jax import capture, data, gguf_file, results
 from maxact_jax.config import load_config
 from maxact_jax.errors import UserError
 from maxact_jax.models import transformer
@@ -145,7 +145,7 @@ def reference_checkpoint(model_path: str) -> str:
   if not orbax_io.is_orbax_dir(model_path):
     return model_path
   source = orbax_io.read_metadata(model_path).get('source', {}).get('path', '')
-  if not os.path.isfile(os.path.join(source, 'config.json')):
+  if not (os.path.isfile(os.path.join(source, 'config.json')) or gguf_file.find(source)):
     raise UserError(f'{model_path} is a converted orbax directory; transformers needs its source checkpoint, '
                     f'recorded as {source or "(none)"}, which is not there')
   return source
