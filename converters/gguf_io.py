@@ -28,13 +28,14 @@ dtype by the weight map.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, Callable
 
 import gguf
 import numpy as np
 
-from maxact_jax import gguf_config
+from maxact_jax import gguf_config, gguf_tokenizer
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 from maxact_jax.gguf_file import open_file
@@ -173,4 +174,14 @@ class GGUFCheckpoint:
     pass
 
 
-__all__ = ['CONSUMED', 'GGUFCheckpoint', 'NAMES', 'UNDO', 'hf_names', 'minus_one', 'unpermute']
+def describing_files(path: str) -> dict[str, bytes]:
+  """The files a Hugging Face directory would hold beside the weights, made from the
+  GGUF file's metadata: config.json, and tokenizer.json when the file has a vocabulary."""
+  gf = open_file(path)
+  files = {'config.json': (json.dumps(gguf_config.config_dict(gf), indent=2) + '\n').encode()}
+  if gf.has('tokenizer.ggml.model'):
+    files['tokenizer.json'] = gguf_tokenizer.build(gf).to_str(pretty=True).encode()
+  return files
+
+
+__all__ = ['CONSUMED', 'GGUFCheckpoint', 'describing_files', 'NAMES', 'UNDO', 'hf_names', 'minus_one', 'unpermute']

@@ -40,15 +40,16 @@ class CrosscheckOptions:
   dtype: str = 'float32'
   output_dir: str | None = None
   tolerance: float | None = None
+  tokenizer: str | None = None  # instead of the checkpoint's own
 
 
 def sample_batch(opts: CrosscheckOptions, vocab_size: int) -> data.Batch:
   """The first `num_samples` samples of the corpus (or the built-in one), as one batch."""
   if opts.data_path:
     corpus = data.load_corpus(opts.data_path, vocab_size=vocab_size, max_samples=opts.num_samples,
-                              max_seq_len=opts.max_seq_len, model_dir=opts.model_path)
+                              max_seq_len=opts.max_seq_len, model_dir=opts.tokenizer or opts.model_path)
   else:
-    corpus = data.load_builtin(data.Tokenizer(opts.model_path), vocab_size=vocab_size,
+    corpus = data.load_builtin(data.Tokenizer(opts.tokenizer or opts.model_path), vocab_size=vocab_size,
                                num_samples=opts.num_samples, max_seq_len=opts.max_seq_len)
   group = np.arange(len(corpus.samples))
   return data.make_batch(corpus, group, int(corpus.lengths.max()), len(group))

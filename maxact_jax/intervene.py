@@ -283,6 +283,7 @@ class InterveneOptions:
   dtype: str = 'bfloat16'
   max_shapes: int = 4
   source_tokenizer: str | None = None
+  tokenizer: str | None = None  # instead of the checkpoint's own
 
 
 @dataclasses.dataclass
@@ -315,7 +316,7 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
                for k in range(opts.controls)]
   mopts = measure.MeasureOptions(model_path=opts.model_path, output_dir=opts.output_dir, data_path=opts.data_path,
                                  max_samples=opts.max_samples, max_seq_len=opts.max_seq_len,
-                                 source_tokenizer=opts.source_tokenizer)
+                                 source_tokenizer=opts.source_tokenizer, tokenizer=opts.tokenizer)
   corpus = measure.load_measure_corpus(mopts, config)
   if all(len(s) < 2 for s in corpus.samples):
     raise UserError('every sample has fewer than 2 tokens: there is no next token to predict')
@@ -336,7 +337,7 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
   tables = [edit_tables(p, config.num_hidden_layers, config.hidden_size, means) for _, p in variants]
   masks = jnp.asarray(np.stack([m for m, _ in tables]))
   values = jnp.asarray(np.stack([v for _, v in tables]), dtype)
-  tokenizer = data.Tokenizer.maybe(opts.model_path)
+  tokenizer = data.Tokenizer.maybe(mopts.tokenizer_source)
   table = anatomy.TokenTable.build(config.vocab_size, tokenizer, anatomy.bos_token_id(opts.model_path, tokenizer))
   acc = EvalAccumulator(len(variants), table)
   step = make_eval_step(config, dtype)

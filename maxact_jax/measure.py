@@ -182,6 +182,7 @@ class MeasureOptions:
   resume: bool = False
   device_memory_gb: float | None = None  # override the device's memory for the guard
   source_tokenizer: str | None = None  # re-tokenize input_ids decoded with this tokenizer
+  tokenizer: str | None = None  # a tokenizer directory to use instead of the checkpoint's own
   # Scale-out (maxact_jax.parallel): layout, and the multi-host runtime.
   parallelism: str = parallel.AUTO
   mesh_shape: str | None = None
@@ -189,6 +190,11 @@ class MeasureOptions:
   num_processes: int | None = None
   process_id: int | None = None
   initialization_timeout: int = 300
+
+  @property
+  def tokenizer_source(self) -> str:
+    """Where the checkpoint's tokenizer comes from: --tokenizer, else the checkpoint."""
+    return self.tokenizer or self.model_path
 
 
 @dataclasses.dataclass
@@ -205,9 +211,13 @@ class Measurement:
 
 
 def load_params(model_path: str, config: ModelConfig, dtype_name: str, step: parallel.Step | None = None) -> Any:
-  """Parameters of a checkpoint directory, in the named dtype (placed for `step`'s layout)."""
+  """Parameters of a checkpoint directory, in the named dtype (placed for `step`'s layout);
+  a warning line when the dtype is wider than the one the weights are stored in."""
   import converters  # pylint: disable=import-outside-toplevel
 
+  warning = converters.weights.upcast_warning(converters.weights_info(model_path), dtype_name, model_path)
+  if warning:
+    print(warning, file=sys.stderr)
   if step is None:
     return converters.load_params(model_path, config, DTYPES[dtype_name])
   return converters.load_params(model_path, config, DTYPES[dtype_name], place=step.place, sharding=step.sharding)
@@ -218,9 +228,9 @@ def load_measure_corpus(opts: MeasureOptions, config: ModelConfig) -> data.Corpu
   checkpoint's tokenizer (which keeps padding under 5%)."""
   if opts.data_path:
     return data.load_corpus(opts.data_path, vocab_size=config.vocab_size, max_samples=opts.max_samples,
-                            max_seq_len=opts.max_seq_len, model_dir=opts.model_path,
+                            max_seq_len=opts.max_seq_len, model_dir=opts.tokenizer_source,
                             source_tokenizer=opts.source_tokenizer)
-  return data.load_builtin(data.Tokenizer(opts.model_path), vocab_size=config.vocab_size,
+  return data.load_builtin(data.Tokenizer(opts.tokenizer_source), vocab_size=config.vocab_size,
                            num_samples=opts.max_samples, max_seq_len=opts.max_seq_len)
 
 
@@ -323,13 +333,15 @@ def measure(opts: MeasureOptions) -> Measurement:
   if bar:
     bar.close()
 
-  tokenizer = data.Tokenizer.maybe(opts.model_path)
+  tokenizer = data.Tokenizer.maybe(opts.tokenizer_source)
   run_info = {
       'tool': 'maxact-jax',
       'dtype': opts.dtype,
       'batch_size': opts.batch_size,
       'max_samples': opts.max_samples,
       'source_tokenizer': opts.source_tokenizer,
+      'tokenizer': opts.tokenizer,
+      'weights': converters.weights_info(opts.model_path),
       'batch_shapes': [list(s) for s in plan.shapes],
       'num_batches': len(plan.groups),
       'resumed_at_batch': start,

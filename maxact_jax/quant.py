@@ -502,6 +502,7 @@ class QuantOptions:
   role: str | None = None
   max_shapes: int = 8
   progress: bool = True
+  tokenizer: str | None = None  # instead of the checkpoint's own
 
 
 @dataclasses.dataclass
@@ -580,7 +581,8 @@ def quant(opts: QuantOptions) -> QuantResult:
     selected = select_taps(opts.layer_policy, opts.taps, available, peak_tap)
   corpus = measure.load_measure_corpus(measure.MeasureOptions(
       model_path=opts.model_path, output_dir=opts.output_dir, data_path=opts.data_path,
-      max_samples=opts.calibration_samples + opts.eval_samples, max_seq_len=opts.max_seq_len), config)
+      max_samples=opts.calibration_samples + opts.eval_samples, max_seq_len=opts.max_seq_len,
+      tokenizer=opts.tokenizer), config)
   calib, evals = split_corpus(corpus, opts.calibration_samples, opts.eval_samples)
   timings['data_s'] = time.perf_counter() - t0
   t0 = time.perf_counter()

@@ -41,7 +41,7 @@ def run() -> int:
       model_path=model_path, output_dir=FLAGS.output_dir, channels=FLAGS.channels, mode=FLAGS.mode,
       controls=FLAGS.controls, seed=FLAGS.seed, data_path=FLAGS.data_path, max_samples=FLAGS.max_samples,
       max_seq_len=FLAGS.max_seq_len, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
-      source_tokenizer=FLAGS.source_tokenizer))
+      source_tokenizer=FLAGS.source_tokenizer, tokenizer=FLAGS.tokenizer))
   for line in intervene.summary_lines(result.doc):
     print(line)
   print(f'results: {result.path}')
