@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import re
 from typing import Any
 
 import gguf
@@ -95,14 +96,19 @@ def _header_error(path: str, e: Exception) -> UserError:
   """A one-line message for what GGUFReader raised on a damaged header."""
   text = str(e).splitlines()[0] if str(e) else type(e).__name__
   if 'GGMLQuantizationType' in text:
-    return UserError(f'{path}: unknown GGML quantization type {text.split()[0]} (gguf {_gguf_version()} does not know '
-                     'it; a newer gguf package may)')
+    numbers = re.findall(r'\d+', text.split(' is not a valid')[0])  # "np.uint32(99) is not a valid ..."
+    return UserError(f'{path}: a tensor has unknown GGML quantization type {numbers[-1] if numbers else "?"} '
+                     f'(gguf {_gguf_version()} does not know it; a newer gguf package may)')
   if 'version' in text:
     return UserError(f'{path}: unsupported GGUF version ({text})')
   if 'Duplicate' in text or 'duplicated' in text:
     return UserError(f'{path} is corrupt: {text}')
-  return UserError(f'{path} is truncated or corrupt: its header or a tensor runs past the end of the file '
-                   f'({os.path.getsize(path)} bytes; {text})')
+  size = os.path.getsize(path)
+  if 'cannot reshape' in text:  # the header was read; a tensor's bytes were not all there
+    return UserError(f'{path} is truncated or corrupt: the data of a tensor runs past the end of the file '
+                     f'({size} bytes)')
+  return UserError(f'{path} is truncated or corrupt: its header runs past the end of the file or is malformed '
+                   f'({size} bytes)')
 
 
 def _gguf_version() -> str:
