@@ -28,7 +28,8 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
 from maxact_jax import parallel, plan  # pylint: disable=wrong-import-position
-from maxact_jax.config import parse_config, read_config_json  # pylint: disable=wrong-import-position
+from maxact_jax.config import read_config_json  # pylint: disable=wrong-import-position
+from maxact_jax.families import parse_config  # pylint: disable=wrong-import-position
 from maxact_jax.models import transformer  # pylint: disable=wrong-import-position
 
 DEFAULT_MODEL = os.path.join(REPO, 'configs', 'real', 'Qwen3-32B')

@@ -129,7 +129,7 @@ t0 = time.perf_counter()
 if {dst!r}:
   converters.convert({src!r}, {dst!r}, jnp.bfloat16)
 else:  # the in-memory loader measure uses, for comparison
-  from maxact_jax.config import load_config
+  from maxact_jax.families import load_config
   params = converters.load_params({src!r}, load_config({src!r}), jnp.bfloat16)
 print(json.dumps({{'rss_before_bytes': before, 'peak_rss_bytes': status('VmHWM'),
                   'convert_s': time.perf_counter() - t0}}))

@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from maxact_jax.config import LinearAttentionConfig, ModelConfig, RopeConfig, load_config  # noqa: E402
+from maxact_jax.config import LinearAttentionConfig, ModelConfig, RopeConfig  # noqa: E402
+from maxact_jax.families import load_config  # noqa: E402
 from maxact_jax.models import deltanet  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 from converters import dense, gemma, gguf_io, moe, orbax_io, qwen35, qwen_vl, weights
 from converters.weight_map import WeightMap, check_coverage, load, open_checkpoint, plan, resolve_layout
 from maxact_jax import gguf_file
-from maxact_jax.config import ModelConfig, load_config
+from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 
 # model_type -> its WeightMap, or a function of the config giving one (a map whose
 # keys depend on sizes, e.g. one checkpoint tensor per expert).

@@ -27,6 +27,8 @@ size (bench/convert_memory.py measures it).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import hashlib
 import json
@@ -34,16 +36,21 @@ import logging
 import os
 import shutil
 import time
+from importlib import metadata
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorstore as ts
+from absl import logging as absl_logging
 
 from converters.weight_map import (WeightMap, build_row, check_coverage, open_checkpoint, plan, row_shape,
                                    unflatten)
-from maxact_jax.config import ModelConfig, load_config
+from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
+from maxact_jax.models import transformer
 
 FORMAT = 'maxact-orbax'
 CONVERTER_VERSION = 1  # bump when the layout or a conversion rule changes
@@ -61,8 +68,6 @@ def is_orbax_dir(model_dir: str) -> bool:
 
 def _quiet_orbax():
   """Orbax logs routine progress as absl warnings; keep stderr for real problems."""
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-
   absl_logging.set_verbosity(absl_logging.ERROR)
   logging.getLogger('absl').setLevel(logging.ERROR)
 
@@ -82,9 +87,6 @@ def _sha256(path: str) -> str:
 
 
 def _libc():
-  import ctypes  # pylint: disable=import-outside-toplevel
-  import ctypes.util  # pylint: disable=import-outside-toplevel
-
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
     return libc if hasattr(libc, 'malloc_trim') and hasattr(libc, 'mallopt') else None
@@ -170,8 +172,8 @@ def convert(model_dir: str, out_dir: str, dtype: Any, wmap: WeightMap,
   under `<out_dir>.partial` and renamed at the end: an interrupted conversion never
   leaves a directory that looks complete.
   """
+  # About 1 s to import; only converted directories need it.
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  import tensorstore as ts  # pylint: disable=import-outside-toplevel
 
   _quiet_orbax()
   map_large_buffers()
@@ -264,8 +266,6 @@ def convert(model_dir: str, out_dir: str, dtype: Any, wmap: WeightMap,
 
 
 def _tool_version() -> str:
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
-
   try:
     return metadata.version('maxact-jax')
   except metadata.PackageNotFoundError:
@@ -295,6 +295,7 @@ def check(model_dir: str, config: ModelConfig, dtype: Any = None) -> dict[str, A
   orbax's own metadata of the stored arrays against those shapes.
   """
   del dtype  # any dtype restores (orbax casts)
+  # About 1 s to import; only converted directories need it.
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   meta = read_metadata(model_dir)
@@ -329,8 +330,6 @@ def check(model_dir: str, config: ModelConfig, dtype: Any = None) -> dict[str, A
 
 def param_shapes(config: ModelConfig) -> dict[str, list[int]]:
   """'a/b/c' -> shape of every parameter of the model config.json builds (abstract, no weights)."""
-  from maxact_jax.models import transformer  # pylint: disable=import-outside-toplevel
-
   flat = jax.tree_util.tree_flatten_with_path(transformer.abstract_params(config))[0]
   return {'/'.join(k.key for k in kp): list(a.shape) for kp, a in flat}
 
@@ -351,9 +350,8 @@ def _compare(model_dir: str, want: dict[str, list[int]], got: dict[str, list[int
 def restore(model_dir: str, config: ModelConfig, dtype: Any,
             sharding: Callable[[tuple[str, ...], tuple[int, ...]], jax.sharding.Sharding] | None = None) -> dict:
   """The parameters, restored by orbax straight into their shardings (cast to `dtype`)."""
+  # About 1 s to import; only converted directories need it.
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-  from maxact_jax.models import transformer  # pylint: disable=import-outside-toplevel
 
   check(model_dir, config)
   default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

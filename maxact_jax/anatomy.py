@@ -22,17 +22,20 @@ location per layer. The threshold rule is selectable (`ChannelRule`):
 - `mad`: a robust z-score over the layer's channels, (a - median) /
   (1.4826 * MAD) over `mad_k`, for models whose outliers stay under 100.
 
-The token x channel surface of one layer for one sample is not part of
-`measure` (it needs the raw activations): `surface` runs that one sample
-again, on request (`maxact-jax anatomy`). The views (PNG, matplotlib Agg)
-are rendered by `plot_surface`, `plot_layerwise` and `plot_channels`, for the
-`anatomy` command and for the cross-model report.
+This module is the analysis: pure functions over merged statistics and the
+documents measure wrote, no device and no figure. The token x channel surface
+of one layer for one sample is not part of `measure` (it needs the raw
+activations): `maxact_jax.surface` runs that one sample again, on request.
+The `anatomy` job (`maxact_jax.anatomy_job`, behind `maxact-jax anatomy`)
+puts the two together; the views (PNG) are drawn by `maxact_jax.plots`, for
+the `anatomy` command and for the cross-model report alike.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import math
 import os
@@ -41,7 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from maxact_jax import data, gguf_file, results, stats
+from maxact_jax import atomic, data, gguf_file, results, stats
 from maxact_jax.config import read_config_json
 from maxact_jax.errors import UserError
 
@@ -69,7 +72,8 @@ TOP_POSITIONS = 10
 # Token classes.
 
 
-def _text_class(text: str) -> int:
+def text_class(text: str) -> int:
+  """The class of a token by its text alone: NEWLINE, DELIMITER or OTHER."""
   if '\n' in text or '\r' in text:
     return NEWLINE
   core = text.strip()
@@ -112,7 +116,7 @@ class TokenTable:
     if tokenizer is not None:
       n = min(vocab_size, tokenizer.vocab_size)
       texts = tokenizer.decode_each(range(n))
-      table[:n] = [_text_class(t) for t in texts]
+      table[:n] = [text_class(t) for t in texts]
       for i in tokenizer.special_ids():
         if i < vocab_size:
           table[i] = SPECIAL
@@ -421,9 +425,6 @@ def paths(output_dir: str, model_name: str) -> dict[str, str]:
 
 
 def write_npz(path: str, **arrays: np.ndarray) -> None:
-  import io  # pylint: disable=import-outside-toplevel
-  from maxact_jax import atomic  # pylint: disable=import-outside-toplevel
-
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   atomic.write_bytes(path, buf.getvalue())
@@ -474,209 +475,7 @@ def write_measure_outputs(output_dir: str, doc: Mapping[str, Any], taps: Mapping
 
 
 # ---------------------------------------------------------------------------
-# The token x channel surface of one layer for one sample (a separate pass).
-
-
-def raw_hidden_handler(call, x):
-  """Sow the residual stream (`hidden` taps) as float32; every other tap untouched."""
-  if call.in_layer and call.suffix == 'hidden':
-    return x, x.astype('float32')
-  return x, None
-
-
-def surface(config, params, dtype, token_ids: np.ndarray, layer: int, tokens: int,
-            around: int | None = None) -> dict[str, np.ndarray]:
-  """|x| of layer `layer`'s output for one sample: [window, D] float32 and its positions.
-
-  The sample's prefix up to the window's end runs once (causal attention: the
-  prefix gives the same activations as the whole sample). The window holds
-  `tokens` positions: from 0 when the peak (or `around`) falls among the first
-  `tokens`, else centred on it. Every residual layer is sown ([L, T, D]) and
-  one is kept; the prefix is at most max(tokens, around + 1) long.
-  """
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from maxact_jax import capture  # pylint: disable=import-outside-toplevel
-  from maxact_jax.models import transformer  # pylint: disable=import-outside-toplevel
-
-  ids = np.asarray(token_ids, np.int32)
-  n = min(len(ids), max(tokens, (around or 0) + 1))
-  model = transformer.build(config, dtype)
-
-  @jax.jit
-  def run(p, i, v):
-    with nn.intercept_methods(capture.interceptor(raw_hidden_handler)):
-      _, sown = model.apply({'params': p}, i, v, mutable=[capture.COLLECTION])
-    return sown[capture.COLLECTION]
-
-  sown = run(params, jnp.asarray(ids[None, :n]), jnp.ones((1, n), bool))
-  absx = np.abs(np.asarray(capture.collect(config, jax.device_get(sown))[f'layer_{layer}_hidden'][0]))
-  focus = around if around is not None else int(np.unravel_index(np.argmax(absx), absx.shape)[0])
-  start = 0 if focus < tokens else min(focus - tokens // 2, n - tokens)
-  window = absx[start:start + tokens]
-  return {'abs': window.astype(np.float32), 'positions': np.arange(start, start + len(window)),
-          'token_ids': ids[start:start + len(window)]}
-
-
-# ---------------------------------------------------------------------------
-# Views (PNG bytes; matplotlib's object API on an Agg canvas, as the report).
-
-
-def _pool_columns(a: np.ndarray, max_cols: int) -> tuple[np.ndarray, int]:
-  """Max-pool the last axis into at most `max_cols` blocks (a peak never vanishes); (pooled, block)."""
-  block = max(1, math.ceil(a.shape[-1] / max_cols))
-  pad = -a.shape[-1] % block
-  if pad:
-    a = np.concatenate([a, np.zeros(a.shape[:-1] + (pad,), a.dtype)], axis=-1)
-  return a.reshape(a.shape[:-1] + (-1, block)).max(axis=-1), block
-
-
-def _label(text: str | None, token_id: int) -> str:
-  return repr(text) if text is not None else f'id {token_id}'
-
-
-def plot_surface(surf: Mapping[str, Any], model_name: str) -> bytes:
-  """Sun et al.'s figure 1: |x| over token position x channel of one layer, as a 3-D surface and a heat map."""
-  from mpl_toolkits.mplot3d import Axes3D  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  from maxact_jax import report  # pylint: disable=import-outside-toplevel
-
-  absx = np.asarray(surf['abs'], np.float64)
-  positions = np.asarray(surf['positions'])
-  t, d = absx.shape
-  pt, pc = np.unravel_index(int(np.argmax(absx)), absx.shape)
-  texts = list(surf.get('tokens') or [None] * t)
-  peak_label = (f'channel {pc}, token {_label(texts[pt], int(surf["token_ids"][pt]))} at position '
-                f'{positions[pt]}: |x| = {absx[pt, pc]:.4g}')
-  pooled, block = _pool_columns(absx, 256)
-  fig = report._figure(15, 6.2)  # pylint: disable=protected-access
-  ax = fig.add_subplot(1, 2, 1, projection='3d')
-  cx = (np.arange(pooled.shape[1]) * block + (block - 1) / 2) if block > 1 else np.arange(d)
-  xx, yy = np.meshgrid(cx, positions)
-  ax.plot_surface(xx, yy, pooled, cmap='viridis', linewidth=0, antialiased=False, rcount=min(t, 128),
-                  ccount=min(pooled.shape[1], 256))
-  ax.set_xlabel('channel')
-  ax.set_ylabel('token position')
-  ax.set_zlabel('|x|')
-  ax.view_init(elev=28, azim=-60)
-  ax.text(pc, positions[pt], absx[pt, pc] * 1.04, f'channel {pc}', color='#b2182b', fontsize=10)
-  ax.set_title(f'|x| of the layer {surf["layer"]} output (residual stream)', fontsize=10)
-
-  bx = fig.add_subplot(1, 2, 2)
-  img = bx.imshow(np.log10(np.maximum(pooled, 1e-3)), aspect='auto', origin='upper', cmap='magma',
-                  interpolation='nearest', extent=(-0.5, pooled.shape[1] * block - 0.5, positions[-1] + 0.5,
-                                                   positions[0] - 0.5))
-  bx.set_xlabel('channel' + (f' (max over blocks of {block})' if block > 1 else ''))
-  bx.set_ylabel('token position')
-  if t <= 40:
-    bx.set_yticks(positions)
-    bx.set_yticklabels([f'{p} {(_label(x, int(i)))[:14]}' for p, x, i in zip(positions, texts, surf['token_ids'])],
-                       fontsize=7)
-  bx.annotate(f'channel {pc}', xy=(pc, positions[pt]), textcoords='offset points', color='white', fontsize=10,
-              xytext=(25 if pc < d / 2 else -95, -30 if pt < t / 2 else 30),
-              arrowprops={'arrowstyle': '->', 'color': 'white'})
-  fig.colorbar(img, ax=bx, label='log10 |x|')
-  bx.set_title('the same as a heat map (log colour scale)', fontsize=10)
-  fig.suptitle(f'{model_name}: sample {surf["sample"]}, layer {surf["layer"]}. Peak: {peak_label}', fontsize=11)
-  return report._png(fig)  # pylint: disable=protected-access
-
-
-def plot_layerwise(layerwise: Mapping[str, Sequence[float]], model_name: str) -> bytes | None:
-  """Sun et al.'s figure 2 over a corpus: the three largest per-channel max |x| of each layer's
-  output against its median |x|, log scale."""
-  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
-  from maxact_jax import report  # pylint: disable=import-outside-toplevel
-
-  if not layerwise.get('layer'):
-    return None
-  fig = report._figure(9, 5)  # pylint: disable=protected-access
-  ax = fig.add_subplot()
-  layers = layerwise['layer']
-  for key, style in (('top1', dict(color='#b2182b', marker='o')), ('top2', dict(color='#ef8a62', marker='s')),
-                     ('top3', dict(color='#fddbc7', marker='^', markeredgecolor='#999')),
-                     ('median', dict(color='#2166ac', marker='.', linestyle='--'))):
-    ys = [v if v and v > 0 else math.nan for v in layerwise[key]]
-    ax.plot(layers, ys, linewidth=1.6, label={'median': 'median |x| (all elements)'}.get(
-        key, f'top-{key[-1]} channel: its max |x|'), **style)
-  # Name the top channel where it changes (and at the peak layer).
-  tops, chans = layerwise['top1'], layerwise['top1_channel']
-  for i, (layer, v, c) in enumerate(zip(layers, tops, chans)):
-    if v and (i == 0 or chans[i - 1] != c):
-      ax.annotate(f'ch {c}', (layer, v), textcoords='offset points', xytext=(4, 6), fontsize=8, color='#b2182b')
-  report._log_axis(ax, '|x| in the residual stream (layer output)')  # pylint: disable=protected-access
-  peak = max((v for v in tops if v), default=None)
-  if peak:
-    ax.set_ylim(top=peak * 4)  # room for the channel labels
-  ax.set_xlabel('layer')
-  ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-  ax.set_title(f'{model_name}: the three largest channels per layer against the median')
-  ax.legend(loc='best', fontsize=9)
-  return report._png(fig)  # pylint: disable=protected-access
-
-
-def plot_channels(layers: Sequence[int], absmax: np.ndarray, channels: Sequence[Mapping[str, Any]],
-                  model_name: str, label_top: int = 8) -> bytes | None:
-  """The per-channel max |x| of every layer's output as a heat map (layers x channels, log colour)."""
-  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
-  from maxact_jax import report  # pylint: disable=import-outside-toplevel
-
-  if not len(layers):
-    return None
-  absmax = np.asarray(absmax, np.float64)
-  pooled, block = _pool_columns(absmax, 1024)
-  d = absmax.shape[1]
-  fig = report._figure(12, max(3.5, min(9.0, 0.12 * len(layers) + 2.5)))  # pylint: disable=protected-access
-  ax = fig.add_subplot()
-  img = ax.imshow(np.log10(np.maximum(pooled, 1e-3)), aspect='auto', origin='lower', cmap='magma',
-                  interpolation='nearest', extent=(-0.5, pooled.shape[1] * block - 0.5, layers[0] - 0.5,
-                                                   layers[-1] + 0.5))
-  ax.set_xlim(-0.5, d - 0.5)
-  ax.set_xlabel('residual channel' + (f' (max over blocks of {block})' if block > 1 else ''))
-  ax.set_ylabel('layer')
-  ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-  fig.colorbar(img, ax=ax, label='log10 of the max |x| over the corpus')
-  top = [c['channel'] for c in channels[:label_top]]
-  if top:
-    sec = ax.secondary_xaxis('top')
-    sec.set_xticks(top)
-    sec.set_xticklabels([str(c) for c in top], fontsize=8, rotation=90 if len(top) > 4 else 0)
-    sec.set_xlabel('persistent outlier channels', fontsize=9)
-  ax.set_title(f'{model_name}: per-channel max |x| of each layer output', pad=28 if top else 6)
-  return report._png(fig)  # pylint: disable=protected-access
-
-
-# ---------------------------------------------------------------------------
-# The `anatomy` job: re-derive the channels with a chosen rule, the surface, the views.
-
-
-@dataclasses.dataclass
-class AnatomyOptions:
-  model_path: str
-  output_dir: str
-  rule: ChannelRule = ChannelRule()
-  surface: bool = True
-  sample: int | None = None  # default: the sample of the global maximum
-  layer: int | None = None  # default: the layer of the global maximum (or of the first outlier channel)
-  surface_tokens: int = 64
-  data_path: str | None = None  # default, with max_samples / max_seq_len: what measure used
-  max_samples: int | None = None
-  max_seq_len: int | None = None
-  dtype: str | None = None  # default: measure's dtype
-
-
-@dataclasses.dataclass
-class AnatomyResult:
-  doc: dict
-  path: str
-  views: dict[str, str]  # view name -> PNG path
-
-
-def _read_json(path: str, what: str) -> dict:
-  if not os.path.isfile(path):
-    raise UserError(f'no {what} at {path}: run `maxact-jax measure` with the same --model_path and --output_dir '
-                    'first')
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+# What the `anatomy` job looks at, and what it prints.
 
 
 def default_focus(doc: Mapping[str, Any], anat: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -693,83 +492,9 @@ def default_focus(doc: Mapping[str, Any], anat: Mapping[str, Any]) -> tuple[int 
   return None, None
 
 
-def run_anatomy(opts: AnatomyOptions) -> AnatomyResult:
-  """Read measure's outputs, apply the channel rule, compute the surface, render the views."""
-  from maxact_jax import measure  # pylint: disable=import-outside-toplevel
-  from maxact_jax.config import load_config  # pylint: disable=import-outside-toplevel
-
-  opts.rule.check()
-  name = results.model_name_of(opts.model_path)
-  p = paths(opts.output_dir, name)
-  doc = _read_json(p['activation'], 'measure result')
-  anat = _read_json(p['anatomy'], 'anatomy file (written by measure)')
-  if not os.path.isfile(p['channels']):
-    raise UserError(f'no per-channel maxima at {p["channels"]}: run `maxact-jax measure` first')
-  layers, absmax, medians = read_channels(p['channels'])
-  anat['outlier_channels'] = outlier_channels(layers, absmax, medians, opts.rule)
-  anat['layerwise'] = layerwise_top(layers, absmax, medians)
-  views_dir = os.path.join(opts.output_dir, 'anatomy')
-  os.makedirs(views_dir, exist_ok=True)
-  views: dict[str, str] = {}
-
-  if opts.surface:
-    sample, layer = default_focus(doc, anat)
-    sample = opts.sample if opts.sample is not None else sample
-    layer = opts.layer if opts.layer is not None else layer
-    if sample is None or layer is None:
-      raise UserError('no residual-stream peak to show: give --sample and --layer')
-    config = load_config(opts.model_path)
-    if not 0 <= layer < config.num_hidden_layers:
-      raise UserError(f'--layer={layer} does not exist (the model has {config.num_hidden_layers} layers)')
-    run_info = doc.get('run', {})
-    data_path = opts.data_path or (None if doc.get('data_path') in (None, 'builtin') else doc['data_path'])
-    mopts = measure.MeasureOptions(
-        model_path=opts.model_path, output_dir=opts.output_dir, data_path=data_path,
-        max_samples=opts.max_samples or run_info.get('max_samples') or doc.get('num_samples'),
-        max_seq_len=opts.max_seq_len or doc.get('max_seq_len'), source_tokenizer=run_info.get('source_tokenizer'),
-        tokenizer=run_info.get('tokenizer'))
-    corpus = measure.load_measure_corpus(mopts, config)
-    if not 0 <= sample < len(corpus.samples):
-      raise UserError(f'--sample={sample} is not in the corpus ({len(corpus.samples)} samples)')
-    dtype_name = opts.dtype or run_info.get('dtype') or 'float32'
-    params = measure.load_params(opts.model_path, config, dtype_name)
-    around = None
-    peak = next((e for e in anat.get('residual_peaks', []) if e['layer'] == layer and e.get('sample') == sample),
-                None)
-    if peak is not None:
-      around = peak['position']
-    surf = surface(config, params, measure.DTYPES[dtype_name], corpus.samples[sample], layer,
-                   opts.surface_tokens, around)
-    tokenizer = data.Tokenizer.maybe(mopts.tokenizer_source)
-    texts = tokenizer.decode_each(surf['token_ids']) if tokenizer else None
-    surf.update(sample=sample, layer=layer)
-    write_npz(p['surface'], abs=surf['abs'], positions=surf['positions'], token_ids=surf['token_ids'],
-              sample=np.int64(sample), layer=np.int64(layer),
-              **({'tokens': np.array(texts, dtype=str)} if texts else {}))
-    pt, pc = np.unravel_index(int(np.argmax(surf['abs'])), surf['abs'].shape)
-    anat['surface'] = {'sample': sample, 'layer': layer, 'positions': [int(surf['positions'][0]),
-                                                                        int(surf['positions'][-1])],
-                       'dtype': dtype_name, 'peak': {'position': int(surf['positions'][pt]), 'channel': int(pc),
-                                                     'token_id': int(surf['token_ids'][pt]),
-                                                     'token': texts[pt] if texts else None,
-                                                     'abs': float(surf['abs'][pt, pc])},
-                       'file': os.path.basename(p['surface'])}
-    views['surface'] = os.path.join(views_dir, f'{name}_surface.png')
-    _write_png(views['surface'], plot_surface({**surf, 'tokens': texts}, name))
-  for key, png in (('layerwise', plot_layerwise(anat['layerwise'], name)),
-                   ('channels', plot_channels(layers, absmax, anat['outlier_channels']['channels'], name))):
-    if png is not None:
-      views[key] = os.path.join(views_dir, f'{name}_{key}.png')
-      _write_png(views[key], png)
-  anat['views'] = {k: os.path.relpath(v, os.path.dirname(p['anatomy'])) for k, v in views.items()}
-  results.atomic_write_json(p['anatomy'], anat)
-  return AnatomyResult(anat, p['anatomy'], views)
-
-
-def _write_png(path: str, png: bytes) -> None:
-  from maxact_jax import atomic  # pylint: disable=import-outside-toplevel
-
-  atomic.write_bytes(path, png)
+def token_label(text: str | None, token_id: int) -> str:
+  """A token for people: its text quoted, else its id."""
+  return repr(text) if text is not None else f'id {token_id}'
 
 
 def summary_lines(anat: Mapping[str, Any]) -> list[str]:
@@ -791,12 +516,12 @@ def summary_lines(anat: Mapping[str, Any]) -> list[str]:
     lines.append(f'tokens with a massive activation (Sun et al.) in any layer: {ta["flagged_tokens"]:,} of '
                  f'{ta["tokens"]:,}; by class (flagged/total): {", ".join(parts)}')
     if ta['top_token_ids']:
-      lines.append('  most often: ' + ', '.join(f'{_label(t["token"], t["token_id"])} {t["flagged"]}'
+      lines.append('  most often: ' + ', '.join(f'{token_label(t["token"], t["token_id"])} {t["flagged"]}'
                                                 for t in ta['top_token_ids'][:8]))
   s = anat.get('surface')
   if s:
     pk = s['peak']
     lines.append(f'surface: sample {s["sample"]}, layer {s["layer"]}, positions {s["positions"][0]}-'
                  f'{s["positions"][1]}; peak |x| {pk["abs"]:.4g} at position {pk["position"]}, channel '
-                 f'{pk["channel"]}, token {_label(pk["token"], pk["token_id"])}')
+                 f'{pk["channel"]}, token {token_label(pk["token"], pk["token_id"])}')
   return lines

@@ -35,8 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import atomic, data, fixtures, measure, results
-from maxact_jax.config import ModelConfig, load_config
+from maxact_jax import atomic, data, fixtures, measure_step, results
+from maxact_jax.config import ModelConfig
+from maxact_jax.corpus import builtin_corpus
+from maxact_jax.families import load_config
 
 SHAPE = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
              intermediate_size=1536)
@@ -61,8 +63,6 @@ def build_checkpoint(out_dir: str, seed: int = 0) -> str:
   """The bench checkpoint, once (its tokenizer trained on the built-in corpus)."""
   if os.path.isfile(os.path.join(out_dir, 'config.json')):
     return out_dir
-  from maxact_jax.corpus import builtin_corpus  # pylint: disable=import-outside-toplevel
-
   tmp = out_dir + '.partial'
   fixtures.train_tokenizer([r['text'] for r in builtin_corpus(seed=seed)[:800]], tmp, vocab_size=VOCAB)
   vocab = fixtures.tokenizer_vocab_size(tmp)
@@ -78,8 +78,6 @@ def build_corpus(model_dir: str, path: str, num_samples: int = NUM_SAMPLES) -> s
   32 tokens, as input_ids jsonl."""
   if os.path.isfile(path):
     return path
-  from maxact_jax.corpus import builtin_corpus  # pylint: disable=import-outside-toplevel
-
   tok = data.Tokenizer(model_dir)
   docs = builtin_corpus(seed=0, num_samples=num_samples + num_samples // 4, cut_to_tokens=tok.cut, length_scale=2)
   rows = []
@@ -135,8 +133,10 @@ def _timed_passes(fn, params, batches, repeats: int) -> float:
 
 
 def torch_forward_seconds(model_dir: str, batches: list[data.Batch], repeats: int) -> float:
+  # Optional PyTorch side; measuring never imports it.
   import torch  # pylint: disable=import-outside-toplevel
 
+  # It imports torch (the optional PyTorch side).
   from maxact_jax import torch_reference  # pylint: disable=import-outside-toplevel
 
   model = torch_reference.load_hf_model(model_dir, 'float32', attn_implementation=None)
@@ -183,9 +183,9 @@ def bench(opts: BenchOptions) -> dict[str, Any]:
   corpus = data.load_corpus(data_path, vocab_size=config.vocab_size)
   plan = data.plan_batches(corpus.lengths, opts.batch_size)  # as measure plans them
   batches = list(data.iter_batches(corpus, plan, config.pad_token_id or 0))
-  params = measure.load_params(model_dir, config, 'float32')
-  forward = measure.make_forward(config, jnp.float32)
-  step = measure.make_stats_step(config, jnp.float32)
+  params = measure_step.load_params(model_dir, config, 'float32')
+  forward = measure_step.make_forward(config, jnp.float32)
+  step = measure_step.make_stats_step(config, jnp.float32)
   compile_s = {'forward': 0.0, 'stats': 0.0}
   for shape in plan.shapes:  # compile every shape first: the timed passes measure execution
     ids, valid = jnp.zeros(shape, jnp.int32), jnp.ones(shape, bool)

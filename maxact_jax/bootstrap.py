@@ -21,35 +21,10 @@ import random
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from maxact_jax import data
+from maxact_jax.corpus import allocate
 from maxact_jax.errors import UserError
 
 UNCATEGORIZED = 'uncategorized'
-
-
-def allocate(category_counts: Mapping[str, float], size: int) -> dict[str, int]:
-  """Split `size` over categories in proportion to their counts (largest remainder).
-
-  Every category gets floor(exact) or ceil(exact) of its exact share
-  size * count / total, so it is within one of exact; the leftover units go
-  to the largest remainders, ties broken by category order (the mapping's
-  order), so the answer is deterministic. Works with fractional weights too.
-
-  Raises:
-    UserError: a negative size or count, or no positive count.
-  """
-  if size < 0:
-    raise UserError(f'subset size must be non-negative, got {size}')
-  if any(c < 0 for c in category_counts.values()):
-    raise UserError('category counts must be non-negative')
-  total = sum(category_counts.values())
-  if total <= 0:
-    raise UserError('cannot allocate over an empty corpus')
-  exact = {c: size * n / total for c, n in category_counts.items()}
-  out = {c: math.floor(x) for c, x in exact.items()}
-  order = sorted(category_counts, key=lambda c: -(exact[c] - out[c]))  # stable: keeps mapping order on ties
-  for c in order[:size - sum(out.values())]:
-    out[c] += 1
-  return out
 
 
 def category_of(record: Mapping[str, Any]) -> str:

@@ -11,6 +11,7 @@ import sys
 
 from absl import flags
 
+from maxact_jax.commands import common
 from maxact_jax.errors import UserError
 
 COMMANDS = {
@@ -63,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
   except flags.Error as e:
     return fail(str(e).splitlines()[0])
   if 'jax' in sys.modules:  # the command computes with JAX
-    from maxact_jax.commands import common  # pylint: disable=import-outside-toplevel
     common.enable_compilation_cache()
   try:
     return int(module.run() or 0)

@@ -3,7 +3,9 @@
 Each family (see `maxact_jax/families/`) reads the fields it understands with a
 `ConfigReader`; a field that no family rule consumed is an error, never a
 silent guess. The result is one frozen `ModelConfig` that the Flax model, the
-converters and the planner share.
+converters and the planner share. This module holds the types, the reader and
+the raw config.json; `maxact_jax.families.load_config` dispatches on model_type
+to the family that parses it.
 """
 
 from __future__ import annotations
@@ -361,26 +363,6 @@ def read_config_json(model_dir: str) -> dict[str, Any]:
   return raw
 
 
-def parse_config(raw: dict[str, Any], where: str = 'config.json') -> ModelConfig:
-  """Dispatch on model_type to the family that understands it."""
-  from maxact_jax import families  # the families import this module
-
-  model_type = raw.get('model_type')
-  parser = families.PARSERS.get(model_type)
-  if parser is None:
-    raise UserError(f'{where}: unknown model_type {model_type!r} (supported: '
-                    f'{", ".join(sorted(families.PARSERS))})')
-  reader = ConfigReader(raw, where)
-  config = parser(reader)
-  reader.finish()
-  return config
-
-
-def load_config(model_dir: str) -> ModelConfig:
-  where = gguf_file.find(model_dir) or os.path.join(model_dir or '', 'config.json')
-  return parse_config(read_config_json(model_dir), where)
-
-
 def default_head_dim(reader: ConfigReader) -> int:
   hidden = reader.int('hidden_size')
   heads = reader.int('num_attention_heads')
@@ -391,6 +373,6 @@ def default_head_dim(reader: ConfigReader) -> int:
 
 __all__ = [
     'ConfigReader', 'LinearAttentionConfig', 'ModelConfig', 'MoEConfig', 'RopeConfig',
-    'load_config', 'parse_config', 'read_config_json', 'read_rope', 'default_head_dim',
+    'read_config_json', 'read_rope', 'default_head_dim',
     'FULL_ATTENTION', 'SLIDING_ATTENTION', 'LINEAR_ATTENTION',
 ]

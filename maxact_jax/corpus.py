@@ -33,17 +33,18 @@ docstrings and sources change between releases), the generated part does not.
 from __future__ import annotations
 
 import ast
+import codecs
 import collections
 import functools
+import math
 import os
 import random
 import statistics
 import sysconfig
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from maxact_jax import corpus_gen
 from maxact_jax import corpus_lang
-from maxact_jax.bootstrap import allocate
 from maxact_jax.errors import UserError
 
 DEFAULT_NUM_SAMPLES = 2500
@@ -140,7 +141,6 @@ def stdlib_material(files: tuple[str, ...] = STDLIB_FILES) -> tuple[tuple[tuple[
       continue
     module = rel[:-3].replace('/', '.').removesuffix('.__init__')
     if module == 'this':  # the Zen of Python, stored ROT13-encoded
-      import codecs  # pylint: disable=import-outside-toplevel
       encoded = next((n.value.value for n in tree.body if isinstance(n, ast.Assign)
                       and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)), None)
       if encoded:
@@ -255,6 +255,32 @@ def _category_documents(category: str, count: int, seed: int, seen: set[str],
       continue
     seen.add(portable)
     out.append((document, budget, portable))
+  return out
+
+
+def allocate(category_counts: Mapping[str, float], size: int) -> dict[str, int]:
+  """Split `size` over categories in proportion to their counts (largest remainder).
+
+  Every category gets floor(exact) or ceil(exact) of its exact share
+  size * count / total, so it is within one of exact; the leftover units go
+  to the largest remainders, ties broken by category order (the mapping's
+  order), so the answer is deterministic. Works with fractional weights too.
+
+  Raises:
+    UserError: a negative size or count, or no positive count.
+  """
+  if size < 0:
+    raise UserError(f'subset size must be non-negative, got {size}')
+  if any(c < 0 for c in category_counts.values()):
+    raise UserError('category counts must be non-negative')
+  total = sum(category_counts.values())
+  if total <= 0:
+    raise UserError('cannot allocate over an empty corpus')
+  exact = {c: size * n / total for c, n in category_counts.items()}
+  out = {c: math.floor(x) for c, x in exact.items()}
+  order = sorted(category_counts, key=lambda c: -(exact[c] - out[c]))  # stable: keeps mapping order on ties
+  for c in order[:size - sum(out.values())]:
+    out[c] += 1
   return out
 
 

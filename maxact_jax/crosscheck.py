@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import capture, data, gguf_file, results
-from maxact_jax.config import load_config
+from converters import orbax_io
+from maxact_jax import capture, data, gguf_file, measure_step, results
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 
 # Relative tolerance per dtype: float32 is the contract; bf16/fp16 are reported.
@@ -57,8 +58,10 @@ def sample_batch(opts: CrosscheckOptions, vocab_size: int) -> data.Batch:
 
 def torch_taps(model, batch: data.Batch) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Raw tap outputs and logits from transformers, as float32 numpy."""
+  # Optional PyTorch side; measuring never imports it.
   import torch  # pylint: disable=import-outside-toplevel
 
+  # It imports torch (the optional PyTorch side).
   from maxact_jax import torch_reference  # pylint: disable=import-outside-toplevel
 
   taps: dict[str, np.ndarray] = {}
@@ -78,12 +81,10 @@ def torch_taps(model, batch: data.Batch) -> tuple[dict[str, np.ndarray], np.ndar
 
 def jax_taps(model_path: str, batch: data.Batch, dtype: str, params=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
   """Raw tap outputs and logits from the Flax model, as float32 numpy."""
-  from maxact_jax import measure  # pylint: disable=import-outside-toplevel
-
   config = load_config(model_path)
   if params is None:
-    params = measure.load_params(model_path, config, dtype)
-  model = transformer.build(config, measure.DTYPES[dtype])
+    params = measure_step.load_params(model_path, config, dtype)
+  model = transformer.build(config, measure_step.DTYPES[dtype])
 
   @jax.jit
   def forward(p, ids, valid):
@@ -141,8 +142,6 @@ def compare_logits(ours: np.ndarray, ref: np.ndarray, valid: np.ndarray) -> dict
 def reference_checkpoint(model_path: str) -> str:
   """The Hugging Face directory transformers loads: a converted orbax directory's recorded
   source (so the check covers the conversion too), else the directory itself."""
-  from converters import orbax_io  # pylint: disable=import-outside-toplevel
-
   if not orbax_io.is_orbax_dir(model_path):
     return model_path
   source = orbax_io.read_metadata(model_path).get('source', {}).get('path', '')
@@ -162,6 +161,7 @@ def crosscheck(opts: CrosscheckOptions, params=None, hf_model=None) -> dict[str,
   tol = opts.tolerance if opts.tolerance is not None else TOLERANCE[opts.dtype]
   batch = sample_batch(opts, config.vocab_size)
   if hf_model is None:
+    # It imports torch (the optional PyTorch side).
     from maxact_jax import torch_reference  # pylint: disable=import-outside-toplevel
 
     hf_model = torch_reference.load_hf_model(reference_checkpoint(opts.model_path), opts.dtype)
@@ -177,7 +177,7 @@ def crosscheck(opts: CrosscheckOptions, params=None, hf_model=None) -> dict[str,
       first_failure = name
   # Taps of layers past the decoder stack: MTP layers some remote code runs inside
   # the base model (Ling 2.0); not part of the forward pass we measure.
-  skipped = [name for name in ref_taps if name not in our_taps and _past_stack(name, config.num_hidden_layers)]
+  skipped = [name for name in ref_taps if name not in our_taps and past_stack(name, config.num_hidden_layers)]
   missing = [name for name in ref_taps if name not in our_taps and name not in skipped]
   logits = compare_logits(our_logits, ref_logits, batch.valid)
   passed = first_failure is None and not missing
@@ -201,7 +201,8 @@ def crosscheck(opts: CrosscheckOptions, params=None, hf_model=None) -> dict[str,
   return report
 
 
-def _past_stack(name: str, num_layers: int) -> bool:
+def past_stack(name: str, num_layers: int) -> bool:
+  """A `layer_{i}_...` tap with i beyond the decoder stack (an MTP layer, not measured)."""
   parts = name.split('_')
   return len(parts) > 2 and parts[0] == 'layer' and parts[1].isdigit() and int(parts[1]) >= num_layers
 

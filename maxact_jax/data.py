@@ -22,8 +22,10 @@ import os
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import tokenizers
 
 from maxact_jax import atomic, gguf_file, gguf_tokenizer
+from maxact_jax.corpus import builtin_corpus
 from maxact_jax.errors import UserError
 
 TOKENIZER_FILE = 'tokenizer.json'
@@ -81,6 +83,7 @@ FORMATS_HELP = ('JSON lines (.jsonl), Parquet (.parquet) or a Hugging Face datas
 
 def _pyarrow():
   try:
+    # Optional: Arrow and Parquet corpora only.
     import pyarrow  # pylint: disable=import-outside-toplevel
     import pyarrow.ipc  # pylint: disable=import-outside-toplevel,unused-import
     import pyarrow.parquet  # pylint: disable=import-outside-toplevel,unused-import
@@ -189,7 +192,6 @@ class Tokenizer:
     if not os.path.isfile(file):
       raise UserError(f'{path} has no {TOKENIZER_FILE}: text corpora need the checkpoint\'s tokenizer '
                       '(or give token ids with input_ids)')
-    import tokenizers  # pylint: disable=import-outside-toplevel
     try:
       self._tok = tokenizers.Tokenizer.from_file(file)
     except Exception as e:  # the library raises plain Exceptions on bad files
@@ -331,9 +333,7 @@ def load_corpus(path: str, *, vocab_size: int, max_samples: int | None = None,
 def load_builtin(tokenizer: Tokenizer, *, vocab_size: int, seed: int = 0, num_samples: int | None = None,
                  max_seq_len: int | None = None) -> Corpus:
   """The built-in corpus, its documents cut to their token budgets in the checkpoint's tokenizer."""
-  from maxact_jax import corpus as builtin  # pylint: disable=import-outside-toplevel
-
-  samples = builtin.builtin_corpus(seed, num_samples, cut_to_tokens=tokenizer.cut)
+  samples = builtin_corpus(seed, num_samples, cut_to_tokens=tokenizer.cut)
   ids = tokenizer.encode([s['text'] for s in samples])
   return _make_corpus(ids, [s['category'] for s in samples], f'built-in corpus (seed {seed})',
                       vocab_size, max_seq_len)

@@ -17,10 +17,13 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from maxact_jax.corpus import builtin_corpus
 from maxact_jax.errors import UserError
 
 BOS = '<|bos|>'
@@ -69,6 +72,7 @@ def spread_linear_attention_decays(model) -> None:
   """Gated DeltaNet heads with decay rates A from 1e-3 to 1 (memories of ~1000 tokens
   down to ~1). transformers draws A ~ U(0.01, 16), so nearly every head forgets within a
   few tokens and a recurrent state carried across 64-token chunks would go untested."""
+  # Optional PyTorch side; measuring never imports it.
   import torch  # pylint: disable=import-outside-toplevel
 
   with torch.no_grad():
@@ -110,6 +114,7 @@ ZERO_INIT_NORMS = frozenset({'gemma', 'gemma2', 'gemma3_text', 'gemma3'})
 
 
 def config_class(model_type: str):
+  # Optional PyTorch side; measuring never imports it.
   import transformers  # pylint: disable=import-outside-toplevel
 
   return transformers.AutoConfig.for_model(model_type).__class__
@@ -130,6 +135,7 @@ def make_config(model_type: str, vocab_size: int = 256, **overrides):
 
 def random_model(config, seed: int = 0, dtype: str = 'float32'):
   """transformers' own random init of `config`, deterministic for `seed`."""
+  # Optional PyTorch side; measuring never imports it.
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
 
@@ -182,8 +188,6 @@ def tiny_checkpoint(model_type: str, out_dir: str, *, seed: int = 0, vocab_size:
 
 def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 2048) -> str:
   """A byte-level BPE tokenizer that prepends BOS, saved as tokenizer.json."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # pylint: disable=import-outside-toplevel
-
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
@@ -202,14 +206,10 @@ def train_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 2048) -> s
 
 
 def tokenizer_vocab_size(tokenizer_dir: str) -> int:
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-
   return Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json')).get_vocab_size()
 
 
 def token_id(tokenizer_dir: str, token: str) -> int:
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-
   return Tokenizer.from_file(os.path.join(tokenizer_dir, 'tokenizer.json')).token_to_id(token)
 
 
@@ -263,6 +263,7 @@ def plant_outlier(model, *, layer: int, channel: int, token_id: int, unit: int =
   `fire`; a token at r = 0.25 gets -12 * fire / 6, where silu is ~0, so the
   background vanishes too.
   """
+  # Optional PyTorch side; measuring never imports it.
   import torch  # pylint: disable=import-outside-toplevel
 
   decoder = model.model.layers[layer]
@@ -314,8 +315,6 @@ DEMO_VERSION = 3
 def build_demo_checkpoint(out_dir: str, kind: str = 'dense', seed: int = 0) -> str:
   """The built-in default model: a qwen3-shaped random init with a planted outlier on
   BOS (`kind='dense'`), or its qwen3_moe sibling without one (`kind='moe'`)."""
-  from maxact_jax.corpus import builtin_corpus  # pylint: disable=import-outside-toplevel
-
   texts = [r['text'] for r in builtin_corpus(seed=seed)[:600]]  # enough to train a 4k vocabulary
   tmp = out_dir + '.partial'
   tok_dir = train_tokenizer(texts, tmp, vocab_size=4096)
@@ -326,7 +325,6 @@ def build_demo_checkpoint(out_dir: str, kind: str = 'dense', seed: int = 0) -> s
   else:
     model = random_model(make_config('qwen3', vocab, **DEMO_SHAPE), seed)
     bos = token_id(tok_dir, BOS)
-    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
     tok = Tokenizer.from_file(os.path.join(tok_dir, 'tokenizer.json'))
     probes = [e.ids[:64] for e in tok.encode_batch(texts[:8])]
     info['planted_outlier'] = plant_outlier(model, token_id=bos, probe_ids=probes, **DEMO_OUTLIER).to_json()
@@ -335,7 +333,6 @@ def build_demo_checkpoint(out_dir: str, kind: str = 'dense', seed: int = 0) -> s
   with open(os.path.join(tmp, DEMO_INFO), 'w') as f:
     json.dump(info, f, indent=2)
   if os.path.exists(out_dir):
-    import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(out_dir)
   os.replace(tmp, out_dir)
   return out_dir
@@ -355,6 +352,7 @@ def ensure_demo_checkpoint(path: str | None = None, kind: str = 'dense') -> str:
   path = path or demo_checkpoint_dir(kind)
   if demo_version(path) != DEMO_VERSION:  # missing, or built by an older version: (re)build
     try:
+      # Is the optional PyTorch side installed?
       import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     except ImportError:
       raise UserError('building the demo checkpoint needs torch and transformers '

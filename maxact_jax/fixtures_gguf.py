@@ -32,6 +32,7 @@ from typing import Any
 
 import gguf
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from converters.safetensors_io import Checkpoint
 from maxact_jax.errors import UserError
@@ -148,8 +149,6 @@ def sentencepiece_vocabulary(texts: list[str], vocab_size: int = 1000) -> dict[s
   <unk>, <s>, </s>, the 256 byte tokens <0x00>..<0xFF>, then the pieces (▁ for a space)
   in the order the trainer made them, scored by that order as SentencePiece scores
   its merges; token types as llama.cpp writes them."""
-  from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
-
   specials = ['<unk>', '<s>', '</s>'] + [f'<0x{b:02X}>' for b in range(256)]
   tok = Tokenizer(models.BPE(unk_token='<unk>', byte_fallback=True, fuse_unk=True))
   tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='first')

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.safetensors_io import write_safetensors
 from maxact_jax import fixtures
 
 # Tiny shapes: GQA, a few layers, 8 experts (4 groups of 2 for the grouped routers).
@@ -52,6 +53,7 @@ JITTER = {'sinks': 1.0, 'e_score_correction_bias': 0.1, 'default': 0.1}
 
 def jitter_constants(model, seed: int = 1) -> None:
   """Add noise to every parameter or buffer whose entries are all equal (in place)."""
+  # Optional PyTorch side; measuring never imports it.
   import torch  # pylint: disable=import-outside-toplevel
 
   gen = torch.Generator().manual_seed(seed)
@@ -141,6 +143,7 @@ def ling_config(glm_config, mtp_layers: int = 1) -> dict[str, Any]:
 def hub_state_dict(model) -> dict[str, Any]:
   """The tensors as save_pretrained writes them (transformers 5 reverts its load-time
   expert merge: per-expert `mlp.experts.{e}.*_proj.weight`); works on meta tensors."""
+  # Optional PyTorch side.
   from transformers.core_model_loading import revert_weight_conversion  # pylint: disable=import-outside-toplevel
 
   return revert_weight_conversion(model, model.state_dict())
@@ -205,7 +208,6 @@ def ling_tensors(glm_model, mtp_layers: int = 1, seed: int = 2) -> dict[str, np.
 
 def ling_checkpoint(out_dir: str, seed: int = 0, mtp_layers: int = 1, **overrides):
   """(Ling-layout checkpoint directory, the glm4_moe model computing the same function)."""
-  from converters.safetensors_io import write_safetensors  # pylint: disable=import-outside-toplevel
 
   glm = moe_model('glm4_moe', seed, **overrides)
   os.makedirs(out_dir, exist_ok=True)

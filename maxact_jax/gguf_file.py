@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+from importlib import metadata
 import re
 from typing import Any
 
@@ -112,8 +113,6 @@ def _header_error(path: str, e: Exception) -> UserError:
 
 
 def _gguf_version() -> str:
-  from importlib import metadata  # pylint: disable=import-outside-toplevel
-
   try:
     return metadata.version('gguf')
   except metadata.PackageNotFoundError:

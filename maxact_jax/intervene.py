@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import anatomy, capture, data, measure, results
-from maxact_jax.config import ModelConfig, load_config
+from maxact_jax import anatomy, capture, data, measure, measure_step, results
+from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 
 Array = jax.Array
@@ -302,8 +303,8 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
   """Base and intervened passes over the corpus; `<output_dir>/json/<model>_intervention.json`."""
   if opts.mode not in MODES:
     raise UserError(f'--mode={opts.mode} is not supported (choose from {", ".join(MODES)})')
-  if opts.dtype not in measure.DTYPES:
-    raise UserError(f'--dtype={opts.dtype} is not supported (choose from {", ".join(measure.DTYPES)})')
+  if opts.dtype not in measure_step.DTYPES:
+    raise UserError(f'--dtype={opts.dtype} is not supported (choose from {", ".join(measure_step.DTYPES)})')
   if opts.controls < 0:
     raise UserError(f'--controls must be 0 or more, got {opts.controls}')
   if opts.batch_size < 1:
@@ -322,15 +323,15 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
     raise UserError('every sample has fewer than 2 tokens: there is no next token to predict')
   plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes)
   pad = config.pad_token_id or 0
-  dtype = measure.DTYPES[opts.dtype]
-  params = measure.load_params(opts.model_path, config, opts.dtype)
+  dtype = measure_step.DTYPES[opts.dtype]
+  params = measure_step.load_params(opts.model_path, config, opts.dtype)
   timings: dict[str, float] = {}
 
   means = None
   if opts.mode == 'mean':
     t0 = time.perf_counter()
     macc = MeansAccumulator(config)
-    measure.run(make_means_step(config, dtype), params, enumerate(data.iter_batches(corpus, plan, pad)), macc)
+    measure_step.run(make_means_step(config, dtype), params, enumerate(data.iter_batches(corpus, plan, pad)), macc)
     means = macc.means()
     timings['means_s'] = time.perf_counter() - t0
 
@@ -342,7 +343,7 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
   acc = EvalAccumulator(len(variants), table)
   step = make_eval_step(config, dtype)
   t0 = time.perf_counter()
-  measure.run(lambda p, i, v: step(p, i, v, masks, values), params,
+  measure_step.run(lambda p, i, v: step(p, i, v, masks, values), params,
               enumerate(data.iter_batches(corpus, plan, pad)), acc)
   timings['eval_s'] = time.perf_counter() - t0
 

@@ -1,11 +1,11 @@
-"""The measurement: a jitted step that reduces every tap on device, a float64 host merge.
+"""The `measure` job: load, run, merge, write every tap of a checkpoint on a corpus.
 
-`make_stats_step` builds the step: the model runs under the capture
-interceptor with `reduce_handler`, so each tap leaves the device as a few
-small arrays (`maxact_jax.parallel` builds it for the pmap and mesh layouts,
-`measure --parallelism`). `run` drives batches through it, overlapping the host merge of
-batch i with the device work of batch i + 1 (JAX dispatches asynchronously),
-and `measure` is the whole job behind `maxact-jax measure`.
+`measure` is the whole job behind `maxact-jax measure`: it reads the config
+and the corpus, picks the layout (`maxact_jax.plan`), drives the batches
+through measure's step (`maxact_jax.measure_step`), writes the results in the
+reference's schema (`maxact_jax.results`) and the outlier anatomy's files
+beside them (`maxact_jax.anatomy`), and keeps a resumable state
+(`maxact_jax.runstate`) on request.
 """
 
 from __future__ import annotations
@@ -14,156 +14,19 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+from tqdm import tqdm
 
-from maxact_jax import anatomy, capture, data, parallel, results, runstate, stats
-from maxact_jax.config import ModelConfig, load_config, read_config_json
+import converters
+from maxact_jax import anatomy, data, parallel, results, runstate
+from maxact_jax.config import ModelConfig, read_config_json
 from maxact_jax.errors import UserError
-from maxact_jax.models import transformer
-
-DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32, 'float16': jnp.float16}
-
-
-def make_stats_step(config: ModelConfig, dtype: Any, top_k: int = stats.TOP_K,
-                    with_anatomy: bool = True) -> Callable:
-  """jit(params, input_ids [B,T], valid [B,T]) -> the sown `taps` tree of partials (one device;
-  `parallel.make_step` builds it for every layout).
-
-  `with_anatomy`: the residual stream's partials also carry its per-channel max |x|
-  and per-token Sun flags (see `maxact_jax.anatomy`).
-  """
-  return jax.jit(parallel.stats_body(config, dtype, top_k, with_anatomy))
-
-
-def make_forward(config: ModelConfig, dtype: Any) -> Callable:
-  """jit(params, input_ids, valid) -> final hidden states: the same pass without capture."""
-  model = transformer.build(config, dtype)
-  return jax.jit(lambda params, ids, valid: model.apply({'params': params}, ids, valid))
-
-
-class Accumulator:
-  """Host-side merge of per-batch partials into one TapStats per tap, and the
-  residual stream's per-token flags into the token attribution."""
-
-  def __init__(self, config: ModelConfig):
-    self.config = config
-    self.taps: dict[str, stats.TapStats] = {}
-    self.attribution = anatomy.TokenAttribution()
-    self.batches = 0
-    self.tokens = 0
-
-  def add(self, sown: Any, batch: data.Batch) -> None:
-    partials = capture.collect(self.config, jax.device_get(sown))
-    self.attribution.add(anatomy.take_flags(partials), batch.input_ids, batch.valid)
-    n_tokens = batch.num_tokens
-    for name, partial in partials.items():
-      tap = self.taps.get(name)
-      if tap is None:
-        tap = self.taps[name] = stats.new_state(partial)
-      tap.update(partial, batch.sample_ids, n_tokens)
-    self.batches += 1
-    self.tokens += n_tokens
-
-
-def run(step: Callable, params: Any, batches: Iterable[tuple[int, data.Batch]], acc: Accumulator,
-        on_merged: Callable[[int, data.Batch], None] | None = None) -> Accumulator:
-  """Drive (index, batch) pairs through the step, in order, merging each batch on
-  the host while the device runs the next one (JAX dispatches asynchronously).
-  `on_merged(index, batch)` runs after each merge (progress, state checkpoints)."""
-  pending = None
-
-  def merge(item):
-    out, index, batch = item
-    acc.add(out, batch)
-    if on_merged:
-      on_merged(index, batch)
-
-  for index, batch in batches:
-    out = step(params, batch.input_ids, batch.valid)
-    if pending is not None:
-      merge(pending)
-    pending = (out, index, batch)
-  if pending is not None:
-    merge(pending)
-  return acc
-
-
-class CompiledSteps:
-  """A layout's step (`parallel.Step`) compiled ahead of time for each batch shape,
-  so its memory can be checked before the run and the compile time is known."""
-
-  def __init__(self, step: 'parallel.Step', params: Any):
-    self.step, self.params = step, params
-    self.compiled: dict[tuple[int, int], Any] = {}
-    self.compile_s = 0.0
-
-  def get(self, shape: tuple[int, int]):
-    if shape not in self.compiled:
-      t0 = time.perf_counter()
-      sharding = self.step.batch_sharding
-      ids = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-      valid = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sharding)
-      self.compiled[shape] = self.step.lower(self.params, ids, valid).compile()
-      self.compile_s += time.perf_counter() - t0
-    return self.compiled[shape]
-
-  def __call__(self, params, input_ids, valid):
-    compiled = self.get(tuple(np.shape(input_ids)))
-    return compiled(params, self.step.put_batch(input_ids), self.step.put_batch(valid))
-
-
-def step_memory_bytes(compiled) -> int | None:
-  """Device memory one call of a compiled step needs: arguments, outputs, temporaries."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-             + m.generated_code_size_in_bytes - m.alias_size_in_bytes)
-
-
-def device_memory_bytes() -> int:
-  """What one device can hold: the accelerator's limit, or the host's memory on CPU."""
-  try:
-    mem = jax.devices()[0].memory_stats() or {}
-  except Exception:  # pylint: disable=broad-except  (backends without memory stats)
-    mem = {}
-  if mem.get('bytes_limit'):
-    return int(mem['bytes_limit'])
-  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-
-
-def check_memory(steps: CompiledSteps, plan: data.BatchPlan, capacity: int, headroom: float = 0.9) -> int | None:
-  """Compile the largest batch shape and refuse a run that cannot fit on one device.
-
-  The estimate comes from XLA's memory analysis of the compiled step. On
-  refusal the error suggests a batch size that fits: first guessed by scaling
-  the memory that grows with the batch, then confirmed by compiling it.
-  """
-  budget = headroom * capacity
-  batch, length = max(plan.shapes, key=lambda st: st[0] * st[1])
-  need = step_memory_bytes(steps.get((batch, length)))
-  if need is None or need <= budget:
-    return need
-  gb = lambda n: f'{n / 2**30:.3g} GB'
-  fixed = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(steps.params))
-  rows = min(batch - 1, int((budget - fixed) // max((need - fixed) / batch, 1)))
-  while rows >= 1 and step_memory_bytes(steps.get((rows, length))) > budget:
-    rows -= 1  # the guess was optimistic: confirm by compiling, one row less each time
-  if rows >= 1:
-    hint = f'try --batch_size={rows}'
-  else:
-    hint = ('the parameters alone do not fit: shard the model over devices (--parallelism=mesh) '
-            'or shorten --max_seq_len')
-  raise UserError(f'a batch of shape {(batch, length)} needs about {gb(need)} of device memory, more than the '
-                  f'{gb(capacity)} available ({int(headroom * 100)}% usable); {hint}')
-
-
-# ---------------------------------------------------------------------------
-# The job.
+from maxact_jax.families import load_config
+from maxact_jax.measure_step import (DTYPES, Accumulator, CompiledSteps, check_memory, device_memory_bytes,
+                                     load_params, run)
+from maxact_jax.plan import resolve_layout
 
 
 @dataclasses.dataclass
@@ -208,19 +71,6 @@ class Measurement:
   paths: tuple[str, str]
   timings: dict[str, float]
   anatomy_paths: tuple[str, str] | None = None  # <model>_channel_absmax.npz, <model>_anatomy.json
-
-
-def load_params(model_path: str, config: ModelConfig, dtype_name: str, step: parallel.Step | None = None) -> Any:
-  """Parameters of a checkpoint directory, in the named dtype (placed for `step`'s layout);
-  a warning line when the dtype is wider than the one the weights are stored in."""
-  import converters  # pylint: disable=import-outside-toplevel
-
-  warning = converters.weights.upcast_warning(converters.weights_info(model_path), dtype_name, model_path)
-  if warning:
-    print(warning, file=sys.stderr)
-  if step is None:
-    return converters.load_params(model_path, config, DTYPES[dtype_name])
-  return converters.load_params(model_path, config, DTYPES[dtype_name], place=step.place, sharding=step.sharding)
 
 
 def load_measure_corpus(opts: MeasureOptions, config: ModelConfig) -> data.Corpus:
@@ -282,7 +132,6 @@ def measure(opts: MeasureOptions) -> Measurement:
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   config = load_config(opts.model_path)
-  import converters  # pylint: disable=import-outside-toplevel
   converters.check_checkpoint(opts.model_path, config, DTYPES[opts.dtype])  # fail fast, headers only
   corpus = load_measure_corpus(opts, config)
   plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes,
@@ -299,8 +148,7 @@ def measure(opts: MeasureOptions) -> Measurement:
     acc.batches, acc.tokens = start, int(extra.get('tokens', 0))
     acc.attribution = anatomy.TokenAttribution.from_state(extra.get('attribution', {}))
   timings['data_s'] = time.perf_counter() - t0
-  from maxact_jax import plan as planner  # pylint: disable=import-outside-toplevel
-  layout = planner.resolve_layout(opts.parallelism, opts.mesh_shape, config, DTYPES[opts.dtype], opts.batch_size,
+  layout = resolve_layout(opts.parallelism, opts.mesh_shape, config, DTYPES[opts.dtype], opts.batch_size,
                                   int(max(plan.lengths)))
   if opts.batch_size % layout.data_parallel:
     raise UserError(f'--batch_size={opts.batch_size} is not a multiple of the {layout.data_parallel} '
@@ -372,8 +220,6 @@ def measure(opts: MeasureOptions) -> Measurement:
 
 
 def _progress(total: int, name: str, initial: int = 0):
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
   return tqdm(total=total, initial=initial, unit='tok', unit_scale=True, desc=f'  {name}', file=sys.stderr,
               dynamic_ncols=True, mininterval=0.5)
 
@@ -443,5 +289,5 @@ def planted_report(doc: dict, planted: dict) -> str:
           f"{loc['channel']}, token id {loc.get('token_id')} (sample {loc['sample']}, position {loc['position']})")
 
 
-__all__ = ['Accumulator', 'MeasureOptions', 'Measurement', 'make_forward', 'make_stats_step', 'measure',
-           'run', 'layer_table', 'summary_lines']
+__all__ = ['MeasureOptions', 'Measurement', 'load_measure_corpus', 'measure', 'layer_table', 'summary_lines',
+           'planted_report']

@@ -17,7 +17,7 @@ interceptor, every tap reduced on device by `stats.tap_partial`):
   the taps reduce over the global batch exactly as on one device.
 
 Each returns the sown partial tree of the whole batch, replicated on every
-device, so the host merge (`measure.Accumulator`) is the same for all three.
+device, so the host merge (`measure_step.Accumulator`) is the same for all three.
 
 Statistics equal a single-device run bit for bit when every device computes
 the same shapes as the single device did (batch rows per device = the
@@ -230,7 +230,7 @@ def combine_tree(config: ModelConfig, sown: Any, axis_name: str, top_k: int = st
 class Step:
   """The stats step of one layout: `step(params, input_ids, valid)` -> sown partials.
 
-  Same contract as `measure.make_stats_step`'s function, for every layout:
+  Same contract as `measure_step.make_stats_step`'s function, for every layout:
   host (or device) [B, T] inputs in, the whole batch's partials out. Also says
   where each parameter goes (`sharding`, `place`), for the loaders.
   """

@@ -59,10 +59,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from maxact_jax import capture, data, measure, results, stats
-from maxact_jax.config import ModelConfig, load_config, read_config_json
+import converters
+from maxact_jax import capture, data, measure, measure_step, report, results, stats
+from maxact_jax.config import ModelConfig, read_config_json
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 
 Array = jax.Array
@@ -514,8 +517,8 @@ class QuantResult:
 
 
 def check_options(opts: QuantOptions) -> None:
-  if opts.dtype not in measure.DTYPES:
-    raise UserError(f'--dtype={opts.dtype} is not supported (choose from {", ".join(measure.DTYPES)})')
+  if opts.dtype not in measure_step.DTYPES:
+    raise UserError(f'--dtype={opts.dtype} is not supported (choose from {", ".join(measure_step.DTYPES)})')
   for name in ('calibration_samples', 'eval_samples', 'batch_size'):
     if getattr(opts, name) < 1:
       raise UserError(f'--{name} must be a positive integer, got {getattr(opts, name)}')
@@ -545,11 +548,10 @@ def _run_pass(step, params, corpus: data.Corpus, opts: QuantOptions, pad_id: int
   plan = data.plan_batches(corpus.lengths, opts.batch_size, opts.max_shapes)
   bar = None
   if opts.progress:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm(total=corpus.num_tokens, unit='tok', unit_scale=True, desc=f'  {desc}', file=sys.stderr,
                dynamic_ncols=True, mininterval=0.5)
   t0 = time.perf_counter()
-  measure.run(lambda p, i, v: step(p, i, v, qp), params, enumerate(data.iter_batches(corpus, plan, pad_id)), acc,
+  measure_step.run(lambda p, i, v: step(p, i, v, qp), params, enumerate(data.iter_batches(corpus, plan, pad_id)), acc,
               on_merged=(lambda _, b: bar.update(b.num_tokens)) if bar else None)
   if bar:
     bar.close()
@@ -564,8 +566,7 @@ def quant(opts: QuantOptions) -> QuantResult:
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   config = load_config(opts.model_path)
-  import converters  # pylint: disable=import-outside-toplevel
-  converters.check_checkpoint(opts.model_path, config, measure.DTYPES[opts.dtype])
+  converters.check_checkpoint(opts.model_path, config, measure_step.DTYPES[opts.dtype])
   stats_path = opts.stats_path
   if stats_path is None:
     default = os.path.join(opts.output_dir, 'json', f'{model_name}_activation_stats.json')
@@ -586,9 +587,9 @@ def quant(opts: QuantOptions) -> QuantResult:
   calib, evals = split_corpus(corpus, opts.calibration_samples, opts.eval_samples)
   timings['data_s'] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  params = measure.load_params(opts.model_path, config, opts.dtype)
+  params = measure_step.load_params(opts.model_path, config, opts.dtype)
   timings['load_s'] = time.perf_counter() - t0
-  dtype = measure.DTYPES[opts.dtype]
+  dtype = measure_step.DTYPES[opts.dtype]
   pad_id = config.pad_token_id or 0
   formats = (int_format(opts.bits), FP8_E4M3)
 
@@ -707,8 +708,6 @@ def quant(opts: QuantOptions) -> QuantResult:
 
 
 def _family(model_name: str) -> str:
-  from maxact_jax import report  # pylint: disable=import-outside-toplevel
-
   return report.family_from_name(model_name)
 
 

@@ -1,31 +1,23 @@
-"""Cross-model report: where the largest activation sits, MoE vs dense, top-K scan.
+"""Cross-model report, its numbers: where the largest activation sits, MoE vs dense, top-K scan.
 
 Reads every `*_activation_stats.json` under a results folder (ours, or the
 reference repository's: the schema is the same, ours may carry extra keys) and
-the matching `*_top5_stats.json` beside it, and writes
+the matching `*_top5_stats.json` beside it into one summary (`build_summary`):
+one entry per model (peak, its location and component, per-component peaks,
+the residual stream's layerwise max |x|), the MoE/dense pairs with their peak
+ratio, how many models carry their maximum in the residual stream, the top-K
+scan, and per model whose anatomy files sit beside its results (`maxact-jax
+measure` writes `<model>_anatomy.json` and `<model>_channel_absmax.npz`,
+`maxact-jax anatomy` adds `<model>_surface.npz`) its outlier anatomy,
+condensed.
 
-- `summary.json`: one entry per model (peak, its location and component,
-  per-component peaks, the residual stream's layerwise max |x|), the MoE/dense
-  pairs with their peak ratio, how many models carry their maximum in the
-  residual stream, and the top-K scan;
-- `report.md` and `report.html` (self-contained, images referenced relatively);
-- PNG plots: `residual_layerwise.png`, `component_peaks.png`, `topk_scan.png`;
-- per model whose anatomy files sit beside its results (`maxact-jax measure`
-  writes `<model>_anatomy.json` and `<model>_channel_absmax.npz`,
-  `maxact-jax anatomy` adds `<model>_surface.npz`): an "Outlier anatomy"
-  section (outlier channels, the tokens that carry the massive activations)
-  with `anatomy_<model>_{layerwise,channels,surface}.png`.
-
-`build_summary` holds all the numbers; `write_report` only renders them, so a
-summary.json can be re-rendered without the result files. The plots use
-matplotlib's object API on an Agg canvas (no pyplot, no global backend).
+This module holds all the numbers and no rendering: `maxact_jax.report_render`
+writes them as `summary.json`, `report.md`, `report.html` and the plots, so a
+summary.json can be re-rendered without the result files.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import html
-import io
 import json
 import math
 import os
@@ -34,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from maxact_jax import atomic
+from maxact_jax import anatomy
 from maxact_jax.errors import UserError
 from maxact_jax.stats import is_activation_tap
 
@@ -58,11 +50,6 @@ COMPONENT_LABELS = {
 
 # Hot layers reported by the top-K scan.
 N_HOT_LAYERS = 3
-
-SUMMARY_FILE = 'summary.json'
-PLOT_RESIDUAL = 'residual_layerwise.png'
-PLOT_COMPONENTS = 'component_peaks.png'
-PLOT_TOPK = 'topk_scan.png'
 
 _LAYER_RE = re.compile(r'^layer_(\d+)_(.+)$')
 _LOCATION_RE = re.compile(r'^(\S+)(?:\s+\((max|min)\))?$')
@@ -581,13 +568,10 @@ def topk_scan(data: Mapping[str, Any], num_layers: int | None = None) -> dict[st
 
 N_ANATOMY_CHANNELS = 12
 N_ANATOMY_TOKENS = 8
-ANATOMY_VIEWS = ('layerwise', 'channels', 'surface')
 
 
 def anatomy_entry(path: Path, results_dir: Path) -> dict[str, Any] | None:
   """The anatomy of the model of an activation-stats file, condensed; None without an anatomy file."""
-  from maxact_jax import anatomy  # pylint: disable=import-outside-toplevel
-
   stem = path.name[:-len(ACTIVATION_SUFFIX)]
   apath = path.with_name(stem + anatomy.ANATOMY_SUFFIX)
   if not apath.is_file():
@@ -619,89 +603,6 @@ def anatomy_entry(path: Path, results_dir: Path) -> dict[str, Any] | None:
       'layerwise': a.get('layerwise'),
       'surface': a.get('surface'),
   }
-
-
-def anatomy_plot_name(model_name: str, view: str) -> str:
-  return f'anatomy_{re.sub(r"[^A-Za-z0-9._-]", "_", model_name)}_{view}.png'
-
-
-def anatomy_plots(summary: Mapping[str, Any], model: Mapping[str, Any]) -> dict[str, bytes]:
-  """The anatomy views of one model: {file name: PNG}, from the summary and the .npz files it names."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from maxact_jax import anatomy  # pylint: disable=import-outside-toplevel
-
-  a = model.get('anatomy')
-  if not a:
-    return {}
-  name = model['model_name']
-  out = {}
-  if a.get('layerwise'):
-    png = anatomy.plot_layerwise(a['layerwise'], name)
-    if png:
-      out[anatomy_plot_name(name, 'layerwise')] = png
-  root = Path(summary['results_dir'])
-  if a.get('channels_file') and (root / a['channels_file']).is_file():
-    layers, absmax, _ = anatomy.read_channels(str(root / a['channels_file']))
-    png = anatomy.plot_channels(layers, absmax, a.get('outlier_channels') or [], name)
-    if png:
-      out[anatomy_plot_name(name, 'channels')] = png
-  if a.get('surface_file') and (root / a['surface_file']).is_file():
-    try:
-      with np.load(root / a['surface_file'], allow_pickle=False) as z:
-        surf = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-      raise UserError(f'cannot read {root / a["surface_file"]}: {e}') from None
-    surf['sample'], surf['layer'] = int(surf['sample']), int(surf['layer'])
-    if 'tokens' in surf:
-      surf['tokens'] = [str(t) for t in surf['tokens']]
-    out[anatomy_plot_name(name, 'surface')] = anatomy.plot_surface(surf, name)
-  return out
-
-
-def _anatomy_sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[tuple[str, list['_Block']]]:
-  sections = []
-  for m in summary['models']:
-    a = m.get('anatomy')
-    if not a:
-      continue
-    blocks: list[_Block] = []
-    g = a.get('global_max')
-    if g:
-      blocks.append(f'Global max {fmt_value(g.get("value"))} in `{g.get("tap")}` ({g.get("which")}): sample '
-                    f'{g.get("sample")}, position {g.get("position")}, channel {g.get("channel")}, token '
-                    f'`{g.get("token")!r}` (id {g.get("token_id")}).')
-    if a.get('rule'):
-      blocks.append(f'Outlier channels: {a["rule"]}, in at least {a["min_layers"]} of {a["num_layers"]} layers: '
-                    f'{a["n_outlier_channels"]} found' + (f' (the first {N_ANATOMY_CHANNELS} by peak)'
-                                                          if a['n_outlier_channels'] > N_ANATOMY_CHANNELS else '')
-                    + '.')
-    if a.get('outlier_channels'):
-      blocks.append(_Table(
-          ['channel', 'layers over', 'appears at', 'last over', 'gone at', 'peak magnitude', 'peak layer'],
-          [[str(c['channel']), f'{c["layers_over"]} ({c["share_of_layers"]:.0%})', f'L{c["first_layer"]}',
-            f'L{c["last_layer"]}', '—' if c['disappears_at'] is None else f'L{c["disappears_at"]}',
-            fmt_value(c['peak_abs']), f'L{c["peak_layer"]}'] for c in a['outlier_channels']]))
-    t = a.get('tokens')
-    if t and t.get('total'):
-      classes = ', '.join(f'{c} {v["flagged"]:,} of {v["total"]:,}' for c, v in t['classes'].items() if v['total'])
-      text = (f'Tokens with a massive activation (Sun et al.: max |x| > 100 and > 1000x the token\'s median) in '
-              f'at least one layer: {t["flagged"]:,} of {t["total"]:,}; by class: {classes}.')
-      if t['top_token_ids']:
-        text += ' Most often: ' + ', '.join(f'`{e["token"]!r}` ({e["flagged"]:,} of {e["occurrences"]:,})'
-                                             if e.get('token') is not None else f'id {e["token_id"]} ({e["flagged"]:,})'
-                                             for e in t['top_token_ids']) + '.'
-      blocks.append(text)
-    captions = {
-        'layerwise': 'The three largest per-channel max |x| of each layer output against its median |x| (log scale).',
-        'channels': 'Per-channel max |x| of every layer output (log colour); persistent outlier channels on top.',
-        'surface': 'Token x channel |x| of one layer output for one sample, as a surface and a heat map.',
-    }
-    for view in ANATOMY_VIEWS:
-      file = anatomy_plot_name(m['model_name'], view)
-      if file in plots:
-        blocks += [captions[view], _Image(file, f'{m["model_name"]}: {view}')]
-    sections.append((f'Outlier anatomy: {m["model_name"]}', blocks))
-  return sections
 
 
 # ---------------------------------------------------------------------------
@@ -774,22 +675,7 @@ def build_summary(results_dir: str | os.PathLike[str],
 
 
 # ---------------------------------------------------------------------------
-# Writing.
-
-
-def _jsonable(x: Any) -> Any:
-  """Non-finite floats become strings ('inf', '-inf', 'nan'): JSON has no such numbers."""
-  if isinstance(x, float) and not math.isfinite(x):
-    return str(x)
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  return x
-
-
-def write_json(path: Path, obj: Any) -> None:
-  atomic.write_bytes(path, (json.dumps(_jsonable(obj), indent=2, allow_nan=False) + '\n').encode('utf-8'))
+# Numbers for people.
 
 
 def fmt_value(v: float | None) -> str:
@@ -816,351 +702,6 @@ def fmt_ratio(r: float | None) -> str:
   if not math.isfinite(r):
     return str(r)
   return f'{r:.1f}x' if r >= 1 else f'{r:.2g}x'
-
-
-@dataclasses.dataclass
-class _Table:
-  headers: list[str]
-  rows: list[list[str]]
-
-
-@dataclasses.dataclass
-class _Image:
-  src: str
-  alt: str
-
-
-_Block = str | _Table | _Image  # a str is a paragraph
-
-
-def _sections(summary: Mapping[str, Any], plots: Sequence[str]) -> list[tuple[str, list[_Block]]]:
-  """The report's content, rendered to Markdown and HTML by the writers below."""
-  models = summary['models']
-  rs = summary['residual_stream_max']
-  found = [f'{len(models)} models from `{summary["results_dir"]}`.',
-           f'The residual stream (`layer_i_hidden`) carries the global maximum in '
-           f'{rs["count"]} of {rs["total"]} models.']
-  if rs['elsewhere']:
-    found.append('Elsewhere: ' + '; '.join(
-        f'{e["model_name"]} in `{e["location"]}` ({COMPONENT_LABELS.get(e["component"], e["component"])}'
-        + (', tied by the residual stream, which reaches the same |x| later in the layer'
-           if e['residual_ties'] else '') + ')'
-        for e in rs['elsewhere']) + '.')
-  for p in summary['moe_dense_pairs']:
-    found.append(f'{p["dense"]} peaks {fmt_ratio(p["ratio"])} higher than {p["moe"]} '
-                 f'({fmt_value(p["dense_peak"])} vs {fmt_value(p["moe_peak"])})'
-                 + (f'; the sizes differ ({fmt_params(p["dense_params_b"])} vs '
-                    f'{fmt_params(p["moe_params_b"])}): the nearest dense model present'
-                    if p['size_mismatch'] else '') + '.')
-  sections: list[tuple[str, list[_Block]]] = [('Findings', found)]
-
-  rows = [[m['model_name'], str(m['model_type']), 'MoE' if m['is_moe'] else 'dense',
-           fmt_params(m['total_params_b']), fmt_value(m['global_max_activation']),
-           f'`{m["global_max_location"]}`', COMPONENT_LABELS.get(m['component'], m['component']),
-           '—' if m['peak_relative_depth'] is None else f'{m["peak_relative_depth"]:.2f}']
-          for m in models]
-  sections.append(('Models', [
-      'Global max is the signed value of largest magnitude over the activation taps '
-      '(embedding, attention, MLP/MoE, residual stream, final norm); depth is its layer / (layers - 1).',
-      _Table(['model', 'type', 'dense/MoE', 'params', 'global max', 'location', 'component', 'depth'],
-             rows)]))
-
-  pair_blocks: list[_Block] = []
-  if summary['moe_dense_pairs']:
-    pair_blocks.append(_Table(
-        ['MoE', 'dense', 'MoE peak', 'dense peak', 'dense / MoE', 'matched by'],
-        [[p['moe'], p['dense'], fmt_value(p['moe_peak']), fmt_value(p['dense_peak']),
-          fmt_ratio(p['ratio']),
-          'override' if p['source'] == 'override' else
-          f'family, nearest size ({fmt_params(p["moe_params_b"])} / {fmt_params(p["dense_params_b"])}'
-          + (f', sizes differ more than {PAIR_SIZE_TOLERANCE:g}x' if p['size_mismatch'] else '') + ')']
-         for p in summary['moe_dense_pairs']]))
-  else:
-    pair_blocks.append('No MoE model could be paired with a dense model.')
-  for u in summary['moe_unpaired']:
-    pair_blocks.append(f'{u["moe"]}: not paired ({u["reason"]}).')
-  sections.append(('MoE vs dense', pair_blocks))
-
-  plot_blocks: list[_Block] = []
-  titles = {PLOT_RESIDUAL: 'residual stream per layer', PLOT_COMPONENTS: 'peaks per component',
-            PLOT_TOPK: 'top-K scan'}
-  captions = {
-      PLOT_RESIDUAL: 'Residual stream: max |x| of each layer output, by relative depth (log scale).',
-      PLOT_COMPONENTS: 'Peak |x| per component and model (log scale).',
-      PLOT_TOPK: 'Top-K scan: top-1 / mean of top-5 of each residual layer; entries of the '
-                 'global top-K equal to the top-1.',
-  }
-  for p in plots:
-    plot_blocks += [captions.get(p, p), _Image(p, titles.get(p, p))]
-  sections.append(('Plots', plot_blocks))
-
-  scans = summary['topk_scan']
-  scan_blocks: list[_Block] = [
-      'Over each model\'s global top-K |x| (union of the per-tap top-K lists): saturation counts the '
-      'entries equal to the top-1 (a bf16 value repeated, often the same outlier carried through '
-      'many layers); concentration is top-1 / mean of the top-5 and of the top-K; sign consistency '
-      'is the share of the top-K with the sign of the top-1; hot layers hold the largest per-layer top-1.']
-  if scans:
-    scan_blocks.append(_Table(
-        ['model', 'K', 'top-1', 'saturation', 'layers at top-1', 'top1/top5', 'top1/topK',
-         'same sign', 'hot layers'],
-        [[s['model_name'], str(s['k']), fmt_value(s['top1_signed']),
-          f'{s["saturation"]["count"]} of {s["k"]}', _layer_span(s['saturation']['layers_at_max']),
-          f'{s["concentration"]["top1_over_top5_mean"]:.3f}',
-          f'{s["concentration"]["top1_over_topk_mean"]:.3f}', f'{s["sign_consistency"]:.0%}',
-          ', '.join(f'L{h["layer"]} ({fmt_value(h["top1"])})' for h in s['hot_layers'])]
-         for s in scans]))
-  if summary['no_topk']:
-    scan_blocks.append('No top-K data for: ' + ', '.join(summary['no_topk']) + '.')
-  sections.append(('Top-K scan', scan_blocks))
-  return sections + _anatomy_sections(summary, plots)
-
-
-def _layer_span(layers: Sequence[int]) -> str:
-  if not layers:
-    return '—'
-  if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
-    return f'L{layers[0]}–L{layers[-1]} ({len(layers)})'
-  return ', '.join(f'L{i}' for i in layers)
-
-
-def render_markdown(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
-  out = ['# maxact-jax cross-model report', '']
-  for title, blocks in _sections(summary, plots):
-    out += [f'## {title}', '']
-    for b in blocks:
-      if isinstance(b, _Table):
-        out.append('| ' + ' | '.join(b.headers) + ' |')
-        out.append('|' + '|'.join('---' for _ in b.headers) + '|')
-        out += ['| ' + ' | '.join(c.replace('|', '\\|') for c in r) + ' |' for r in b.rows]
-      elif isinstance(b, _Image):
-        out.append(f'![{b.alt}]({b.src})')
-      else:
-        out.append(b)
-      out.append('')
-  return '\n'.join(out)
-
-
-def _inline_html(text: str) -> str:
-  # `code` spans are the only Markdown the blocks use.
-  parts = html.escape(text).split('`')
-  return ''.join(f'<code>{p}</code>' if i % 2 else p for i, p in enumerate(parts))
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 1200px; margin: 2em auto; padding: 0 1em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
-th { background: #f3f3f3; }
-td:nth-child(n+2) { font-variant-numeric: tabular-nums; }
-img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0 1.5em; }
-code { background: #f5f5f5; padding: 0 3px; }
-"""
-
-
-def render_html(summary: Mapping[str, Any], plots: Sequence[str]) -> str:
-  out = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
-         '<title>maxact-jax cross-model report</title>', f'<style>{_CSS}</style>', '</head><body>',
-         '<h1>maxact-jax cross-model report</h1>']
-  for title, blocks in _sections(summary, plots):
-    out.append(f'<h2>{html.escape(title)}</h2>')
-    for b in blocks:
-      if isinstance(b, _Table):
-        out.append('<table><thead><tr>' + ''.join(f'<th>{html.escape(h)}</th>' for h in b.headers) +
-                   '</tr></thead><tbody>')
-        out += ['<tr>' + ''.join(f'<td>{_inline_html(c)}</td>' for c in r) + '</tr>' for r in b.rows]
-        out.append('</tbody></table>')
-      elif isinstance(b, _Image):
-        out.append(f'<img src="{html.escape(b.src)}" alt="{html.escape(b.alt)}">')
-      else:
-        out.append(f'<p>{_inline_html(b)}</p>')
-  out.append('</body></html>')
-  return '\n'.join(out) + '\n'
-
-
-# ---------------------------------------------------------------------------
-# Plots.
-
-
-_LINESTYLES = ('-', '--', '-.', ':')
-
-
-def _style(i: int) -> dict[str, Any]:
-  """A distinct (colour, line style) for the i-th model: 10 colours x 4 styles."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  colors = matplotlib.colormaps['tab10'].colors
-  return {'color': colors[i % len(colors)], 'linestyle': _LINESTYLES[(i // len(colors)) % len(_LINESTYLES)]}
-
-
-def _styles(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-  """One style per model, by its place in the models table, shared by all plots."""
-  return {m['model_name']: _style(i) for i, m in enumerate(summary['models'])}
-
-
-def _figure(width: float, height: float):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=import-outside-toplevel
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  fig = Figure(figsize=(width, height), dpi=110)
-  FigureCanvasAgg(fig)
-  return fig
-
-
-def _png(fig) -> bytes:
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', bbox_inches='tight')
-  return buf.getvalue()
-
-
-def _log_axis(ax, label: str) -> None:
-  from matplotlib.ticker import LogLocator  # pylint: disable=import-outside-toplevel
-  ax.set_yscale('log')
-  ax.yaxis.set_major_locator(LogLocator(base=10))
-  ax.set_ylabel(label)
-  ax.grid(True, which='major', axis='y', alpha=0.35)
-  ax.grid(True, which='minor', axis='y', alpha=0.1)
-
-
-def plot_residual(summary: Mapping[str, Any]) -> bytes | None:
-  """Layerwise max |x| of the residual stream, one line per model, by relative depth."""
-  models = [m for m in summary['models'] if m['residual_layerwise']['layer']]
-  if not models:
-    return None
-  styles = _styles(summary)
-  fig = _figure(11, max(6.0, 0.22 * len(models) + 1))
-  ax = fig.add_subplot()
-  for m in models:
-    rl = m['residual_layerwise']
-    pts = [(l, v) for l, v in zip(rl['layer'], rl['max_abs'])
-           if isinstance(v, (int, float)) and 0 < v < math.inf]
-    if not pts:
-      continue
-    n = m['num_hidden_layers'] or (pts[-1][0] + 1)
-    xs = [l / max(n - 1, 1) for l, _ in pts]
-    ys = [v for _, v in pts]
-    peak = max(range(len(ys)), key=ys.__getitem__)
-    style = styles[m['model_name']]
-    ax.plot(xs, ys, linewidth=1.6, label=f'{m["model_name"]} (max {fmt_value(ys[peak])})', **style)
-    ax.plot([xs[peak]], [ys[peak]], marker='o', markersize=5, color=style['color'])
-  ax.set_xlim(-0.02, 1.02)
-  ax.set_xlabel('relative depth: layer index / (number of layers - 1)')
-  _log_axis(ax, 'max |x| of the layer output (residual stream)')
-  ax.set_title('Residual stream: largest |activation| per layer')
-  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-  return _png(fig)
-
-
-def plot_components(summary: Mapping[str, Any]) -> bytes | None:
-  """Grouped bars: peak |x| per component (embedding, attention, MLP/MoE, residual, final norm)."""
-  models = summary['models']
-  if not models:
-    return None
-  groups = [('embedding', ('embedding',)), ('attention', ('attention',)), ('MLP / MoE', ('mlp', 'moe')),
-            ('residual stream', ('residual',)), ('final norm', ('final_norm',))]
-  colors = ('#8c8c8c', '#2ca02c', '#ff7f0e', '#1f77b4', '#9467bd')
-  n = len(models)
-  width = 0.8 / len(groups)
-  fig = _figure(max(8.0, 0.8 * n + 2), 5.5)
-  ax = fig.add_subplot()
-  for g, ((label, comps), color) in enumerate(zip(groups, colors)):
-    xs, ys = [], []
-    for i, m in enumerate(models):
-      vals = [m['component_peaks'][c] for c in comps if c in m['component_peaks']]
-      v = max(vals) if vals else None
-      if v is not None and 0 < v < math.inf:
-        xs.append(i - 0.4 + width * (g + 0.5))
-        ys.append(v)
-    ax.bar(xs, ys, width=width, color=color, label=label)
-  ax.set_xticks(range(n))
-  ax.set_xticklabels([m['model_name'] for m in models], rotation=30, ha='right')
-  ax.set_xlim(-0.6, n - 0.4)
-  _log_axis(ax, 'peak |x| (max over the component\'s taps)')
-  ax.set_title('Peak |activation| per component')
-  ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
-  return _png(fig)
-
-
-def plot_topk(summary: Mapping[str, Any]) -> bytes | None:
-  """Top-1 / mean(top-5) per residual layer; saturation of the global top-K per model."""
-  scans = summary['topk_scan']
-  if not scans:
-    return None
-  styles = _styles(summary)
-  fig = _figure(14, max(5.2, 0.3 * len(scans) + 1.5))
-  ax, bx = fig.subplots(1, 2, gridspec_kw={'width_ratios': [2.2, 1], 'wspace': 0.45})
-  for s in scans:
-    rows = [r for r in s['per_layer'] if r['top1_over_top5_mean'] is not None]
-    if not rows:
-      continue
-    n = s['num_layers'] or (rows[-1]['layer'] + 1)
-    rows = [r for r in rows if r['layer'] < n]
-    ax.plot([r['layer'] / max(n - 1, 1) for r in rows], [r['top1_over_top5_mean'] for r in rows],
-            linewidth=1.6, marker='.', label=s['model_name'], **styles[s['model_name']])
-  ax.axhline(1.0, color='#999', linewidth=0.8)
-  ax.set_xlim(-0.02, 1.02)
-  ax.set_xlabel('relative depth: layer index / (number of layers - 1)')
-  ax.set_ylabel('top-1 / mean of top-5 |x| (residual stream)')
-  ax.set_title('Concentration of the largest activations per layer')
-  ax.grid(True, alpha=0.3)
-  ax.legend(loc='upper right', fontsize=9, frameon=False, ncol=1 if len(scans) <= 8 else 2)
-
-  names = [s['model_name'] for s in scans]
-  counts = [s['saturation']['count'] for s in scans]
-  ys = range(len(scans))
-  bx.barh(ys, counts, height=0.6, color=[styles[s['model_name']]['color'] for s in scans])
-  for y, s in zip(ys, scans):
-    bx.text(s['saturation']['count'], y, f'  {s["saturation"]["count"]} of {s["k"]} at '
-            f'{fmt_value(s["top1_signed"])}', va='center', fontsize=9)
-  bx.set_yticks(list(ys))
-  bx.set_yticklabels(names)
-  bx.set_ylim(max(len(scans), 4) - 0.5, -0.5)  # first model on top; thin bars when few
-  bx.set_xlim(0, max(s['k'] for s in scans) * 1.5)
-  bx.set_xlabel('entries of the global top-K equal to the top-1')
-  bx.set_title('Saturation')
-  bx.grid(True, axis='x', alpha=0.3)
-  return _png(fig)
-
-
-def write_report(summary_or_dir: Mapping[str, Any] | str | os.PathLike[str],
-                 output_dir: str | os.PathLike[str],
-                 pairs: str | Sequence[tuple[str, str]] | None = None) -> dict[str, Path]:
-  """Write summary.json, report.md, report.html and the plots into `output_dir`.
-
-  `summary_or_dir` is a summary from `build_summary` or a results folder to
-  build it from (with `pairs`). Returns the written files by name.
-  """
-  if isinstance(summary_or_dir, Mapping):
-    summary = summary_or_dir
-  else:
-    summary = build_summary(summary_or_dir, pairs)
-  out = Path(output_dir)
-  if out.exists() and not out.is_dir():
-    raise UserError(f'output dir {out} exists and is not a directory')
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f'cannot create output dir {out}: {e}') from None
-
-  written: dict[str, Path] = {}
-  plots = []
-  for name, make in ((PLOT_RESIDUAL, plot_residual), (PLOT_COMPONENTS, plot_components),
-                     (PLOT_TOPK, plot_topk)):
-    png = make(summary)
-    if png is not None:
-      atomic.write_bytes(out / name, png)
-      written[name] = out / name
-      plots.append(name)
-  for m in summary['models']:
-    for name, png in anatomy_plots(summary, m).items():
-      atomic.write_bytes(out / name, png)
-      written[name] = out / name
-      plots.append(name)
-  write_json(out / SUMMARY_FILE, summary)
-  written[SUMMARY_FILE] = out / SUMMARY_FILE
-  for name, text in (('report.md', render_markdown(summary, plots)),
-                     ('report.html', render_html(summary, plots))):
-    atomic.write_bytes(out / name, text.encode('utf-8'))
-    written[name] = out / name
-  return written
 
 
 def headline(summary: Mapping[str, Any]) -> str:

@@ -1,9 +1,10 @@
 """Sweeps: `measure` over a list of flagfiles, skipping finished models, then the report.
 
 Each config is an absl flagfile of the measure command (configs/paper/ holds one
-per checkpoint of the paper, as the paper ran it). `read_config` parses it with
-the measure command's own flag set, so a config means exactly what
-`maxact-jax measure --flagfile=<config>` means. The sweep then
+per checkpoint of the paper, as the paper ran it). The sweep command
+(`maxact_jax.commands.sweep`) reads each with the measure command's own flag
+set, so a config means exactly what `maxact-jax measure --flagfile=<config>`
+means, into a `SweepEntry`. The sweep then
 
 - puts every result into one output folder (its own --output_dir wins over a
   config's), so that the report covers them all;
@@ -11,7 +12,7 @@ the measure command's own flag set, so a config means exactly what
   or interrupted run never leaves one behind: results are written atomically);
 - carries on after a model fails, lists the failures at the end and returns
   them, so the caller can exit non-zero;
-- writes the cross-model report (`maxact_jax.report`) over the output folder.
+- writes the cross-model report (`maxact_jax.report_render`) over the output folder.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from absl import flags
-
-from maxact_jax import measure, report, results
+from maxact_jax import measure, report_render, results
 from maxact_jax.errors import UserError
 
 ACTIVATION_SUFFIX = '_activation_stats.json'
@@ -50,65 +49,6 @@ class SweepResult:
   @property
   def ok(self) -> bool:
     return not self.failed and self.report_error is None
-
-
-def read_config(path: str, overrides: Sequence[str] = (), root: str | None = None) -> measure.MeasureOptions:
-  """The MeasureOptions a measure flagfile stands for.
-
-  overrides: 'flag=value' items applied after the file (e.g. 'max_samples=64').
-  root: relative --model_path and --data_path are taken relative to it.
-  """
-  from maxact_jax.commands import measure as measure_command  # pylint: disable=import-outside-toplevel
-
-  if not os.path.isfile(path):
-    raise UserError(f'config {path} does not exist')
-  fv: flags.FlagValues = measure_command.FLAGS
-  argv = ['sweep', f'--flagfile={path}']
-  for item in overrides:
-    if '=' not in item:
-      raise UserError(f'--overrides item {item!r} is not flag=value')
-    argv.append('--' + item.lstrip('-'))
-  fv.unparse_flags()
-  try:
-    try:
-      fv(argv)
-    except flags.Error as e:
-      raise UserError(f'{path}: {str(e).splitlines()[0]}') from None
-    if not fv.model_path:
-      raise UserError(f'{path} sets no --model_path')
-    if fv.crosscheck:
-      raise UserError(f'{path} sets --crosscheck: a sweep only measures (run crosscheck on its own)')
-    try:
-      opts = measure_command.options(fv)
-    except UserError as e:
-      raise UserError(f'{path}: {e}') from None
-  finally:
-    fv.unparse_flags()  # leave the measure command's flags as a fresh process has them
-  if root:
-    if not os.path.isabs(opts.model_path):
-      opts.model_path = os.path.join(root, opts.model_path)
-    if opts.data_path and not os.path.isabs(opts.data_path):
-      opts.data_path = os.path.join(root, opts.data_path)
-  return opts
-
-
-def plan(config_paths: Sequence[str], output_dir: str, overrides: Sequence[str] = (),
-         root: str | None = None, progress: bool | None = None) -> list[SweepEntry]:
-  """Read every config first: a bad one stops the sweep before anything runs."""
-  if not config_paths:
-    raise UserError('no configs given (--configs=a.flags,b.flags or --flagfile=configs/sweep_paper.flags)')
-  entries, seen = [], {}
-  for path in config_paths:
-    opts = read_config(path, overrides, root)
-    opts.output_dir = output_dir
-    if progress is not None:
-      opts.progress = progress
-    name = results.model_name_of(opts.model_path)
-    if name in seen:
-      raise UserError(f'{path} and {seen[name]} both measure a model named {name}: their results would collide')
-    seen[name] = path
-    entries.append(SweepEntry(path, name, opts))
-  return entries
 
 
 def _valid_json_object(path: str) -> bool:
@@ -161,7 +101,7 @@ def run(entries: Sequence[SweepEntry], output_dir: str, report_dir: str, pairs: 
     log(f'{head}: global max {m.doc["global_max_activation"]:.6g} at {m.doc["global_max_location"]} '
         f'({time.perf_counter() - t0:.1f} s)')
   try:
-    result.report_files = report.write_report(output_dir, report_dir, pairs)
+    result.report_files = report_render.write_report(output_dir, report_dir, pairs)
   except UserError as e:
     result.report_error = str(e)
   return result

@@ -15,6 +15,7 @@ and the final norm.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from maxact_jax import gguf_file, stats
+from maxact_jax.config import read_config_json
 from maxact_jax.errors import UserError
 
 TapCallback = Callable[[str, torch.Tensor], None]
@@ -53,7 +55,7 @@ def _first(out):
   return out[0] if isinstance(out, tuple) else out
 
 
-def _router_output(out, prefer_logits: bool):
+def router_output(out, prefer_logits: bool):
   """The router hook's tensor: its first output, as the reference takes it.
 
   Ling's remote-code gate returns (topk_idx, topk_weight, logits), so the
@@ -73,7 +75,7 @@ def register_taps(model: torch.nn.Module, callback: TapCallback, router_logits: 
   """Forward hooks that call `callback(tap_name, tensor)`; returns the handles.
 
   router_logits: take a router's logits where its first output is integer
-  (see `_router_output`); False reproduces the reference exactly.
+  (see `router_output`); False reproduces the reference exactly.
   """
   base = text_backbone(model)
   handles = []
@@ -102,7 +104,7 @@ def register_taps(model: torch.nn.Module, callback: TapCallback, router_logits: 
       hook(mlp, moe_out)
       router = getattr(mlp, 'gate', None) or getattr(mlp, 'router', None)
       if router is not None:
-        hook(router, lambda o, i=i: callback(f'layer_{i}_moe_gate', _router_output(o, router_logits)))
+        hook(router, lambda o, i=i: callback(f'layer_{i}_moe_gate', router_output(o, router_logits)))
     else:
       hook(mlp, lambda o, i=i: callback(f'layer_{i}_mlp_output', o))
       if hasattr(mlp, 'gate_proj'):
@@ -308,9 +310,8 @@ def load_hf_model(model_path: str, dtype: str = 'float32', attn_implementation: 
   named .py files, as Ling 2.0's do) is loaded with it (trust_remote_code), as the
   reference pipeline does.
   """
+  # Seconds to import; only loading a model needs it.
   import transformers  # pylint: disable=import-outside-toplevel
-
-  from maxact_jax.config import read_config_json  # pylint: disable=import-outside-toplevel
 
   kwargs: dict[str, Any] = {'dtype': getattr(torch, dtype)}
   if attn_implementation:
@@ -367,10 +368,6 @@ def run_reference(model, samples: list[list[int]], batch_size: int = 8, pad_id: 
 
 
 def main(argv: list[str] | None = None) -> int:
-  import argparse  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-
   parser = argparse.ArgumentParser(description='The reference pipeline (PyTorch): per-tap statistics.')
   parser.add_argument('--model_path', required=True)
   parser.add_argument('--data_path', required=True, help='jsonl with input_ids per line')

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from maxact_jax import crosscheck, data, measure, stats, torch_reference
-from maxact_jax.config import load_config
+from maxact_jax.families import load_config
 
 HIST_BIN = (stats.HIST_LOG_MAX - stats.HIST_LOG_MIN) / stats.HIST_BINS
 QUANTILES = ('abs_median', 'abs_q25', 'abs_q75', 'abs_q90', 'abs_q99', 'abs_q999')

@@ -337,7 +337,7 @@ def test_token_attribution_counts_classes_and_merges():
                     'other': (0, 2)}
   assert s['per_layer']['flagged'] == [3, 2] and s['flagged_tokens'] == 4 and s['layers_flagged'] == {'1': 3, '2': 1}
   assert [(t['token_id'], t['flagged'], t['occurrences']) for t in s['top_token_ids']][:2] == [(0, 1, 1), (1, 1, 2)]
-  assert [anatomy._text_class(t) for t in ('\n', ' .', '),', 'a.', ' ', 'x')] == [  # pylint: disable=protected-access
+  assert [anatomy.text_class(t) for t in ('\n', ' .', '),', 'a.', ' ', 'x')] == [  # pylint: disable=protected-access
       anatomy.NEWLINE, anatomy.DELIMITER, anatomy.DELIMITER, anatomy.OTHER, anatomy.OTHER, anatomy.OTHER]
 
 

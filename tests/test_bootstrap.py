@@ -11,7 +11,7 @@ import numpy as np
 
 import pytest
 
-from maxact_jax import bootstrap
+from maxact_jax import bootstrap, corpus
 from maxact_jax.errors import UserError
 
 from tests.corpus_helpers import assert_one_error, run_cli
@@ -38,11 +38,11 @@ COUNTS = {'code': 130, 'math': 37, 'prose': 251, 'web': 82}
 
 def test_allocate_hand_computed():
   # exact shares 3.5, 2.1, 1.4: floors 3, 2, 1 leave one sample, for the largest remainder (a: 0.5).
-  assert bootstrap.allocate({'a': 5, 'b': 3, 'c': 2}, 7) == {'a': 4, 'b': 2, 'c': 1}
+  assert corpus.allocate({'a': 5, 'b': 3, 'c': 2}, 7) == {'a': 4, 'b': 2, 'c': 1}
   # equal remainders: the mapping's order decides, deterministically.
-  assert bootstrap.allocate({'x': 1, 'y': 1, 'z': 1}, 2) == {'x': 1, 'y': 1, 'z': 0}
-  assert bootstrap.allocate({'a': 5, 'b': 0}, 3) == {'a': 3, 'b': 0}
-  assert bootstrap.allocate({'a': 0.25, 'b': 0.75}, 10) == {'a': 3, 'b': 7}  # 2.5 -> 3 wins the tie by order
+  assert corpus.allocate({'x': 1, 'y': 1, 'z': 1}, 2) == {'x': 1, 'y': 1, 'z': 0}
+  assert corpus.allocate({'a': 5, 'b': 0}, 3) == {'a': 3, 'b': 0}
+  assert corpus.allocate({'a': 0.25, 'b': 0.75}, 10) == {'a': 3, 'b': 7}  # 2.5 -> 3 wins the tie by order
 
 
 @pytest.mark.parametrize('seed', range(20))
@@ -51,7 +51,7 @@ def test_allocate_is_within_one_of_exact(seed):
   counts = {f'c{i}': rng.randrange(0, 500) for i in range(rng.randrange(1, 9))}
   counts['last'] = rng.randrange(1, 500)
   size = rng.randrange(0, sum(counts.values()) + 1)
-  out = bootstrap.allocate(counts, size)
+  out = corpus.allocate(counts, size)
   assert sum(out.values()) == size
   total = sum(counts.values())
   for c, n in counts.items():
@@ -61,9 +61,9 @@ def test_allocate_is_within_one_of_exact(seed):
 
 def test_allocate_bad_input():
   with pytest.raises(UserError, match='empty corpus'):
-    bootstrap.allocate({}, 3)
+    corpus.allocate({}, 3)
   with pytest.raises(UserError, match='non-negative'):
-    bootstrap.allocate({'a': 3}, -1)
+    corpus.allocate({'a': 3}, -1)
 
 
 # ---------------------------------------------------------------------------
@@ -189,7 +189,7 @@ def test_bootstrap_command(tmp_path, capsys):
       per = collections.Counter(row['category'] for row in rows)
       assert all(abs(per[c] - size * n / 500) < 1 for c, n in COUNTS.items())
   manifest = json.loads((outs[0] / 'manifest.json').read_text())
-  assert manifest['sizes']['100'] == bootstrap.allocate(dict(sorted(COUNTS.items())), 100)
+  assert manifest['sizes']['100'] == corpus.allocate(dict(sorted(COUNTS.items())), 100)
   assert manifest['corpus_samples'] == 500 and manifest['seed'] == 5
 
 

@@ -15,8 +15,8 @@ import pytest
 import converters
 from converters import safetensors_io
 from maxact_jax import capture
-from maxact_jax.config import load_config, parse_config
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.models import transformer
 from tests.conftest import REAL_CONFIGS
 

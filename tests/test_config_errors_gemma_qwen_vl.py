@@ -7,8 +7,9 @@ import pytest
 
 import converters
 from converters.weight_map import resolve_layout
-from maxact_jax.config import FULL_ATTENTION, SLIDING_ATTENTION, parse_config
+from maxact_jax.config import FULL_ATTENTION, SLIDING_ATTENTION
 from maxact_jax.errors import UserError
+from maxact_jax.families import parse_config
 
 GEMMA3_TEXT = {'model_type': 'gemma3_text', 'hidden_size': 64, 'intermediate_size': 128, 'num_hidden_layers': 6,
                'num_attention_heads': 4, 'num_key_value_heads': 2, 'head_dim': 16, 'vocab_size': 256}

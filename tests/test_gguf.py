@@ -10,16 +10,16 @@ import shutil
 import struct
 
 import gguf
-import jax
 import numpy as np
 import pytest
 
 import converters
 from converters import gguf_io, safetensors_io
-from maxact_jax import crosscheck, data, fixtures, fixtures_gguf, gguf_config, gguf_file, measure, torch_reference
-from maxact_jax.config import load_config, parse_config
+from maxact_jax import (crosscheck, data, fixtures, fixtures_gguf, gguf_config, gguf_file, measure, measure_step,
+                        torch_reference)
 from maxact_jax.corpus import builtin_corpus
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config, parse_config
 from tests.parity_utils import assert_crosscheck_passed
 from tests.test_cli import assert_one_error, run_cli
 
@@ -271,7 +271,7 @@ def test_convert_gguf_to_orbax_carries_identity_and_weights(gguf_pair, ids_corpu
 
 def test_no_warning_when_the_dtype_is_not_wider(gguf_pair, capsys):
   _, path = gguf_pair('qwen3')
-  measure.load_params(path, load_config(path), 'float32')
+  measure_step.load_params(path, load_config(path), 'float32')
   assert 'warning' not in capsys.readouterr().err
 
 

@@ -30,7 +30,7 @@ import torch
 import converters
 from converters.weight_map import check_coverage, plan, resolve
 from maxact_jax import capture, fixtures_moe
-from maxact_jax.config import parse_config
+from maxact_jax.families import parse_config
 from maxact_jax.models import transformer
 from tests.conftest import REAL_CONFIGS
 

@@ -17,8 +17,9 @@ import converters
 from converters import mxfp4
 from converters.safetensors_io import Checkpoint, write_safetensors
 from maxact_jax import stats, torch_reference
-from maxact_jax.config import MoEConfig, load_config, parse_config
+from maxact_jax.config import MoEConfig
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.models import moe
 from tests.conftest import REAL_CONFIGS
 
@@ -316,8 +317,8 @@ def test_router_hook_prefers_logits_over_indices():
   logits = torch.randn(6, 8)
   idx = logits.topk(2).indices
   out = (idx, torch.rand(6, 2), logits)
-  assert torch_reference._router_output(out, prefer_logits=False) is idx  # the reference's choice
-  assert torch_reference._router_output(out, prefer_logits=True) is logits
+  assert torch_reference.router_output(out, prefer_logits=False) is idx  # the reference's choice
+  assert torch_reference.router_output(out, prefer_logits=True) is logits
 
 
 # ---------------------------------------------------------------------------
@@ -362,9 +363,9 @@ def test_moe_stats_merge_is_associative_and_ignores_padding():
 def test_crosscheck_skips_only_taps_past_the_decoder_stack():
   from maxact_jax import crosscheck
 
-  assert crosscheck._past_stack('layer_20_hidden', 20) and crosscheck._past_stack('layer_21_moe_gate', 20)
-  assert not crosscheck._past_stack('layer_19_hidden', 20)
-  assert not crosscheck._past_stack('final_layernorm', 20) and not crosscheck._past_stack('embedding_output', 20)
+  assert crosscheck.past_stack('layer_20_hidden', 20) and crosscheck.past_stack('layer_21_moe_gate', 20)
+  assert not crosscheck.past_stack('layer_19_hidden', 20)
+  assert not crosscheck.past_stack('final_layernorm', 20) and not crosscheck.past_stack('embedding_output', 20)
 
 
 def test_gated_shared_expert_block_matches_qwen2_moe():

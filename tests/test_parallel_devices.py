@@ -25,7 +25,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from maxact_jax import fixtures, measure, parallel, plan, stats
-from maxact_jax.config import load_config
+from maxact_jax.families import load_config
 from tests.conftest import REPO, write_ids_corpus
 
 DEVICES = 8

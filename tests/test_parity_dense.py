@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maxact_jax import crosscheck, measure
-from maxact_jax.config import load_config
+from maxact_jax import crosscheck, measure_step
+from maxact_jax.families import load_config
 from tests import parity_utils
 
 DENSE = ['llama', 'qwen2', 'qwen3']
@@ -35,7 +35,7 @@ def test_crosscheck_passes(model_type, checkpoint, ids_corpus, tmp_path):
 def test_crosscheck_names_the_perturbed_tap(checkpoint, ids_corpus, tmp_path):
   model_dir = checkpoint('qwen3')
   config = load_config(model_dir)
-  params = measure.load_params(model_dir, config, 'float32')
+  params = measure_step.load_params(model_dir, config, 'float32')
   kernel = np.array(params['model']['layers']['mlp']['down_proj']['kernel'])
   kernel[1] *= 1.01  # layer 1's MLP output projection, 1% off
   params['model']['layers']['mlp']['down_proj']['kernel'] = kernel

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxact_jax import capture, crosscheck, measure, torch_reference
-from maxact_jax.config import load_config, parse_config
+from maxact_jax import capture, crosscheck, measure_step, torch_reference
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.models import layers
 from tests import parity_utils
 from tests.conftest import REAL_CONFIGS, REFERENCE_RESULTS
@@ -119,7 +119,7 @@ def test_multimodal_gemma3_head_is_not_soft_capped(checkpoint):
 def test_crosscheck_names_the_perturbed_tap(norm, clean, first_bad, checkpoint, ids_corpus):
   """The sandwich norms sit after the attention / MLP taps, as in the reference hooks."""
   model_dir = checkpoint('gemma3')
-  params = measure.load_params(model_dir, load_config(model_dir), 'float32')
+  params = measure_step.load_params(model_dir, load_config(model_dir), 'float32')
   weight = np.array(params['model']['layers'][norm]['weight'])
   weight[1] += 0.05
   params['model']['layers'][norm]['weight'] = weight

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from maxact_jax import capture, crosscheck, data, fixtures, measure, stats, torch_reference
-from maxact_jax.config import load_config
+from maxact_jax import capture, crosscheck, data, fixtures, measure_step, stats, torch_reference
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 from tests import parity_utils
 from tests.conftest import write_ids_corpus
@@ -199,7 +199,7 @@ def test_crosscheck_names_the_perturbed_tap(where, first, moe_checkpoint, ids_co
   its own weight-map rule) selection bias is caught at that layer's tap."""
   model_dir, glm = moe_checkpoint('bailing_moe')
   config = load_config(model_dir)
-  params = measure.load_params(model_dir, config, 'float32')
+  params = measure_step.load_params(model_dir, config, 'float32')
   seg = next(s for s in transformer.plan_segments(config) if s.start <= 2 < s.stop)
   repeat, slot = seg.locate(2)
   node = params['model'][seg.name]

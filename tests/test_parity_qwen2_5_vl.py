@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from maxact_jax import crosscheck, fixtures
-from maxact_jax.config import load_config, parse_config
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.models import layers
 from tests import parity_utils
 

@@ -20,9 +20,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from maxact_jax import capture, cli, fixtures, measure, quant, stats
-from maxact_jax.config import load_config
+from maxact_jax import capture, cli, fixtures, measure_step, quant, stats
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 from tests.conftest import REFERENCE_RESULTS, write_ids_corpus
 
@@ -210,7 +210,7 @@ def test_planted_outlier_max_abs_vs_quantile(outlier_model, tmp_path):
 def raw_activations(ckpt, samples, names):
   """{tap: [tokens, F]} over the valid positions of every sample, in sample order (float32)."""
   config = load_config(ckpt)
-  params = measure.load_params(ckpt, config, 'float32')
+  params = measure_step.load_params(ckpt, config, 'float32')
   model = transformer.build(config, jnp.float32)
   t = max(len(s) for s in samples)
   ids = np.zeros((len(samples), t), np.int32)

@@ -22,9 +22,10 @@ import pytest
 import converters
 from converters.safetensors_io import Checkpoint, write_safetensors
 from converters.weight_map import check_coverage, plan, resolve_layout
-from maxact_jax import capture, crosscheck, fixtures, measure
-from maxact_jax.config import FULL_ATTENTION, LINEAR_ATTENTION, load_config, parse_config
+from maxact_jax import capture, crosscheck, fixtures, measure_step
+from maxact_jax.config import FULL_ATTENTION, LINEAR_ATTENTION
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.models import deltanet, transformer
 from tests import parity_utils
 from tests.conftest import REAL_CONFIGS, REFERENCE_RESULTS, write_ids_corpus
@@ -155,7 +156,7 @@ def test_deltanet_layer_ignores_padding_wherever_it_is(checkpoint):
 
 def _raw_forward(model_dir: str):
   config = load_config(model_dir)
-  params = measure.load_params(model_dir, config, 'float32')
+  params = measure_step.load_params(model_dir, config, 'float32')
   model = transformer.build(config, jnp.float32)
 
   @jax.jit
@@ -317,7 +318,7 @@ def test_crosscheck_passes_multimodal_moe(checkpoint, long_corpus):
 def test_crosscheck_names_the_perturbed_linear_attention(checkpoint, long_corpus, hf_text_model):
   model_dir = checkpoint(TEXT)
   config = load_config(model_dir)
-  params = measure.load_params(model_dir, config, 'float32')
+  params = measure_step.load_params(model_dir, config, 'float32')
   group = params['model']['layers']  # one scanned period: slot_0..slot_3 = layers 0..3
   group['slot_1']['linear_attn']['A_log'] = np.asarray(group['slot_1']['linear_attn']['A_log']) + 0.05
   report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
@@ -352,9 +353,9 @@ def test_checkpoint_layouts_give_the_same_params(checkpoint, tmp_path):
   assert load_config(text_only).model_type == MOE
   assert any(k.startswith('model.language_model.layers.') for k in Checkpoint(text_only).keys())
 
-  want = measure.load_params(source, load_config(source), 'float32')
+  want = measure_step.load_params(source, load_config(source), 'float32')
   for other in (str(hub), text_only):
-    got = measure.load_params(other, load_config(other), 'float32')
+    got = measure_step.load_params(other, load_config(other), 'float32')
     jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
@@ -370,8 +371,6 @@ def test_layout_resolution_refuses_two_text_models():
 
 def _real(name: str) -> dict:
   path = os.path.join(REAL_CONFIGS, name, 'config.json')
-  if not os.path.isfile(path):
-    pytest.skip(f'{path} not present')
   with open(path) as f:
     return json.load(f)
 
@@ -429,8 +428,6 @@ def test_real_config_full_size(name):
 def test_tap_list_follows_the_reference_result():
   """The reference's Qwen3.5-0.8B result: four taps per layer, in this order."""
   path = os.path.join(REFERENCE_RESULTS, 'Qwen3.5-0.8B_activation_stats.json')
-  if not os.path.isfile(path):
-    pytest.skip(f'{path} not present')
   with open(path) as f:
     ref = list(json.load(f)['per_layer_stats'])
   config = parse_config(fixtures.make_config(TEXT).to_dict())

@@ -30,7 +30,8 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict
 import converters
 from converters.weight_map import check_coverage, plan, resolve_layout
 from maxact_jax import torch_reference
-from maxact_jax.config import SLIDING_ATTENTION, parse_config
+from maxact_jax.config import SLIDING_ATTENTION
+from maxact_jax.families import parse_config
 from maxact_jax.models import layers, transformer
 from tests.conftest import REAL_CONFIGS
 

@@ -19,7 +19,7 @@ import pytest
 
 import converters
 from maxact_jax import crosscheck, data, fixtures_gguf, torch_reference
-from maxact_jax.config import load_config
+from maxact_jax.families import load_config
 from tests.conftest import write_ids_corpus
 from tests.parity_utils import assert_crosscheck_passed, assert_same_global_max, assert_stats_match, \
     measure_and_reference

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from maxact_jax import cli, report
+from maxact_jax import cli, report, report_render
 from maxact_jax.errors import UserError
 from tests.conftest import REAL_CONFIGS as _REAL_CONFIGS, REFERENCE_RESULTS
 
@@ -278,7 +278,7 @@ def test_topk_scan_signs_and_hot_layers():
 
 def test_write_report(ref_summary, tmp_path):
   out = tmp_path / 'out'
-  written = report.write_report(ref_summary, out)
+  written = report_render.write_report(ref_summary, out)
   assert sorted(written) == ['component_peaks.png', 'report.html', 'report.md',
                              'residual_layerwise.png', 'summary.json', 'topk_scan.png']
   assert sorted(p.name for p in out.iterdir()) == sorted(written)  # no temp files left
@@ -300,7 +300,7 @@ def test_write_report(ref_summary, tmp_path):
 
 
 def test_write_report_from_dir_with_pairs(paper_dir, tmp_path):
-  report.write_report(paper_dir, tmp_path, pairs='Qwen3.5-35B-A3B:Qwen3.5-0.8B')
+  report_render.write_report(paper_dir, tmp_path, pairs='Qwen3.5-35B-A3B:Qwen3.5-0.8B')
   summary = json.loads((tmp_path / 'summary.json').read_text())
   pair = by_name(summary['moe_dense_pairs'], 'Qwen3.5-35B-A3B')
   assert (pair['dense'], pair['ratio']) == ('Qwen3.5-0.8B', 122 / 132)
@@ -308,7 +308,7 @@ def test_write_report_from_dir_with_pairs(paper_dir, tmp_path):
 
 def test_non_finite_peak_is_valid_json(tmp_path):
   synthetic(tmp_path / 'r' / 'Big-1B_activation_stats.json', 'Big-1B', 'qwen3', 4, math.inf, 2)
-  report.write_report(tmp_path / 'r', tmp_path / 'o')
+  report_render.write_report(tmp_path / 'r', tmp_path / 'o')
   text = (tmp_path / 'o' / 'summary.json').read_text()
   summary = json.loads(text, parse_constant=lambda c: pytest.fail(f'non-standard JSON {c}'))
   assert summary['models'][0]['global_max_abs'] == 'inf'
@@ -348,7 +348,7 @@ def test_user_errors(tmp_path):
     report.build_summary(dup)
   summary = report.build_summary(dup / 'a')
   with pytest.raises(UserError, match='exists and is not a directory'):
-    report.write_report(summary, tmp_path / 'a_file')
+    report_render.write_report(summary, tmp_path / 'a_file')
 
 
 def test_command(ref_dir, tmp_path, capsys):

@@ -26,8 +26,9 @@ import pytest
 import converters
 from converters import orbax_io
 from maxact_jax import capture, families, parallel, plan
-from maxact_jax.config import load_config, read_config_json
+from maxact_jax.config import read_config_json
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from tests.conftest import REAL_CONFIGS, REPO
 from tests.test_cli import assert_one_error, run_cli
 from tests.test_config_and_converter import edit_config, meta_model

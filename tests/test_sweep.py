@@ -8,6 +8,7 @@ import re
 
 from maxact_jax import cli, sweep
 from maxact_jax.commands import measure as measure_command
+from maxact_jax.commands import sweep as sweep_command
 from tests.conftest import REPO
 
 PAPER_CHECKPOINTS = [
@@ -99,7 +100,8 @@ def test_paper_configs(capsys, tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
   paper = os.path.join('configs', 'paper')
   assert sorted(os.listdir(paper)) == sorted(f'{n}.flags' for n in PAPER_CHECKPOINTS)
-  entries = sweep.plan([os.path.join(paper, f'{n}.flags') for n in PAPER_CHECKPOINTS], str(tmp_path), root='/m')
+  entries = sweep_command.plan([os.path.join(paper, f'{n}.flags') for n in PAPER_CHECKPOINTS], str(tmp_path),
+                               root='/m')
   for e in entries:
     o = e.options
     assert o.model_path == f'/m/models/{e.name}'

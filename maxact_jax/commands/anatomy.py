@@ -7,14 +7,14 @@ Reads what `maxact-jax measure` wrote for the model under <output_dir>/json/
 <model>_anatomy.json), lists the outlier channels under the chosen rule,
 runs one sample again for the token x channel surface of one layer (default:
 where the global maximum sits), rewrites <model>_anatomy.json and writes the
-views to <output_dir>/anatomy/. All the work is in `maxact_jax.anatomy`.
+views to <output_dir>/anatomy/. All the work is in `maxact_jax.anatomy_job`.
 """
 
 from __future__ import annotations
 
 from absl import flags
 
-from maxact_jax import anatomy, fixtures
+from maxact_jax import anatomy, anatomy_job, fixtures
 from maxact_jax.commands import common
 
 FLAGS = flags.FlagValues()
@@ -50,7 +50,7 @@ def run() -> int:
   model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
   rule = anatomy.ChannelRule(kind=FLAGS.rule, t_val=FLAGS.t_val, t_ratio=FLAGS.t_ratio, mad_k=FLAGS.mad_k,
                              min_layer_share=FLAGS.min_layer_share)
-  result = anatomy.run_anatomy(anatomy.AnatomyOptions(
+  result = anatomy_job.run_anatomy(anatomy_job.AnatomyOptions(
       model_path=model_path, output_dir=FLAGS.output_dir, rule=rule, surface=FLAGS.surface, sample=FLAGS.sample,
       layer=FLAGS.layer, surface_tokens=FLAGS.surface_tokens, data_path=FLAGS.data_path,
       max_samples=FLAGS.max_samples, max_seq_len=FLAGS.max_seq_len, dtype=FLAGS.dtype))

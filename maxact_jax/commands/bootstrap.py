@@ -23,6 +23,7 @@ from absl import flags
 
 from maxact_jax import bootstrap
 from maxact_jax import data
+from maxact_jax.corpus import allocate
 from maxact_jax.commands import common
 from maxact_jax.errors import UserError
 
@@ -90,7 +91,7 @@ def run() -> int:
       'corpus_categories': counts,
       'seed': FLAGS.seed,
       'repeats': FLAGS.repeats,
-      'sizes': {str(s): bootstrap.allocate(counts, s) for s in sizes},
+      'sizes': {str(s): allocate(counts, s) for s in sizes},
   }
   data.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + '\n',
                   os.path.join(FLAGS.output_dir, 'manifest.json'))
@@ -110,7 +111,8 @@ def run() -> int:
 
 def _measure_fn():
   """measure_fn(path, size, repeat) for bootstrap.write_subsets: one measure per subset."""
-  from maxact_jax import measure  # pylint: disable=import-outside-toplevel  (JAX only when measuring)
+  # Start-up: JAX only when measuring.
+  from maxact_jax import measure  # pylint: disable=import-outside-toplevel
 
   def measure_subset(path: str, size: int, repeat: int) -> dict:
     out = os.path.join(FLAGS.output_dir, str(size), f'r{repeat}')

@@ -60,6 +60,7 @@ def enable_compilation_cache() -> str | None:
   """
   if os.environ.get('MAXACT_COMPILATION_CACHE', '').lower() in ('off', '0', 'false'):
     return None
+  # Start-up: only the commands that compute import JAX.
   import jax  # pylint: disable=import-outside-toplevel
 
   path = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(

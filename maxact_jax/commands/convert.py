@@ -13,6 +13,8 @@ import time
 
 from absl import flags
 
+import converters
+from maxact_jax import measure_step
 from maxact_jax.commands import common
 from maxact_jax.errors import UserError
 
@@ -24,16 +26,13 @@ flags.DEFINE_boolean('verbose', False, 'Print every parameter as it is written.'
 
 
 def run() -> int:
-  import converters  # pylint: disable=import-outside-toplevel
-  from maxact_jax import measure  # pylint: disable=import-outside-toplevel
-
   common.check_dtype(FLAGS.dtype)
   if not FLAGS.model_path:
     raise UserError('--model_path is required (a Hugging Face checkpoint directory or a GGUF file)')
   if not FLAGS.output_dir:
     raise UserError('--output_dir is required (the orbax model directory to create)')
   t0 = time.perf_counter()
-  meta = converters.convert(FLAGS.model_path, FLAGS.output_dir, measure.DTYPES[FLAGS.dtype],
+  meta = converters.convert(FLAGS.model_path, FLAGS.output_dir, measure_step.DTYPES[FLAGS.dtype],
                             log=print if FLAGS.verbose else None, tokenizer=FLAGS.tokenizer)
   size = sum(f['bytes'] for f in meta['source']['files'])
   source = meta['weights']['source'] or {}

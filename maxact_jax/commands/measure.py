@@ -6,7 +6,7 @@ import json
 
 from absl import flags
 
-from maxact_jax import anatomy, data, fixtures, measure, parallel
+from maxact_jax import anatomy, crosscheck, data, fixtures, measure, parallel
 from maxact_jax.commands import common
 from maxact_jax.errors import UserError
 
@@ -80,7 +80,6 @@ def run() -> int:
   if FLAGS.crosscheck:
     if (FLAGS.num_processes or 1) > 1:
       raise UserError('--crosscheck runs in one process: run `maxact-jax crosscheck` before a multi-host measure')
-    from maxact_jax import crosscheck  # pylint: disable=import-outside-toplevel
     report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
         model_path=model_path, data_path=FLAGS.data_path, dtype=FLAGS.dtype,
         output_dir=FLAGS.output_dir, max_seq_len=min(FLAGS.max_seq_len or 256, 256), tokenizer=FLAGS.tokenizer))

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 
+import jax
 from absl import flags
 
+from maxact_jax import plan, results
 from maxact_jax.commands import common
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string('model_path', None, 'A directory holding config.json, or a GGUF file (weights are not read).',
@@ -29,9 +32,6 @@ flags.DEFINE_boolean('json', False, 'Print the plan as JSON.', flag_values=FLAGS
 
 
 def run() -> int:
-  from maxact_jax import plan, results  # pylint: disable=import-outside-toplevel
-  from maxact_jax.config import load_config  # pylint: disable=import-outside-toplevel
-
   if not FLAGS.model_path:
     raise UserError('--model_path is required (a directory holding config.json, or a GGUF file)')
   common.check_dtype(FLAGS.dtype)
@@ -45,7 +45,6 @@ def run() -> int:
     device_bytes, source = int(FLAGS.device_memory_gb * 2**30), '--device_memory_gb'
   else:
     device_bytes, source = plan.device_memory()
-  import jax  # pylint: disable=import-outside-toplevel
   num_devices = FLAGS.num_devices or jax.device_count()
   p = plan.plan(config, FLAGS.dtype, num_devices, device_bytes, FLAGS.max_seq_len, FLAGS.batch_size, source)
   p['model_name'] = results.model_name_of(FLAGS.model_path)

@@ -2,14 +2,15 @@
 
 Reads every *_activation_stats.json under --results_dir (and the matching
 *_top5_stats.json) and writes summary.json, report.md, report.html and the
-plots into --output_dir. All the work is in `maxact_jax.report`.
+plots into --output_dir. The numbers are in `maxact_jax.report`, the documents in
+`maxact_jax.report_render`.
 """
 
 from __future__ import annotations
 
 from absl import flags
 
-from maxact_jax import report
+from maxact_jax import report, report_render
 from maxact_jax.errors import UserError
 
 FLAGS = flags.FlagValues()
@@ -33,7 +34,7 @@ def run() -> int:
   if not _OUTPUT_DIR.value:
     raise UserError('--output_dir is required (where the report is written)')
   summary = report.build_summary(_RESULTS_DIR.value, pairs=_PAIRS.value)
-  written = report.write_report(summary, _OUTPUT_DIR.value)
+  written = report_render.write_report(summary, _OUTPUT_DIR.value)
   print(report.headline(summary))
   print(f'wrote {", ".join(sorted(written))} to {_OUTPUT_DIR.value}')
   return 0
