@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import converters
 from maxact_jax import anatomy, capture, data, measure, measure_step, results
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
@@ -398,7 +399,7 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
       'variants': out_variants,
       'kl': 'KL(base || variant) of the next-token distributions, nats per predicted position',
       'classes': 'by the class of the predicting token (see maxact_jax.anatomy.CLASSES)',
-      'run': {k: round(v, 3) for k, v in timings.items()},
+      'run': {'weights': converters.weights_info(opts.model_path), **{k: round(v, 3) for k, v in timings.items()}},
   }
   path = f'{results.ensure_output_dir(opts.output_dir)}/{name}{INTERVENTION_SUFFIX}'
   results.atomic_write_json(path, doc)

@@ -698,7 +698,8 @@ def quant(opts: QuantOptions) -> QuantResult:
       'eval_stats': {name: eval_summary(acc3.taps[name]) for name in selected},
       'headroom': headroom({n: max_abs[n] for n in extremes if stats.is_activation_tap(n)}),
       'run': {'batch_size': opts.batch_size, 'devices': [str(d) for d in jax.devices()],
-              'jax_version': jax.__version__, **{k: round(v, 3) for k, v in timings.items()}},
+              'jax_version': jax.__version__, 'weights': converters.weights_info(opts.model_path),
+              **{k: round(v, 3) for k, v in timings.items()}},
   }
   json_dir = results.ensure_output_dir(opts.output_dir)
   path = os.path.join(json_dir, f'{model_name}{QUANT_SUFFIX}')

@@ -300,6 +300,9 @@ def test_every_command_reads_a_gguf_file(gguf_pair, ids_corpus, tmp_path, capsys
   names = sorted(os.listdir(out / 'json'))
   assert 'qwen3-F32_activation_stats.json' in names and 'qwen3-F32_intervention.json' in names
   assert 'qwen3-F32_quant_sanity.json' in names
+  for suffix in ('activation_stats', 'intervention', 'quant_sanity'):  # each result says what the weights were
+    doc = json.loads((out / 'json' / f'qwen3-F32_{suffix}.json').read_text())
+    assert doc['run']['weights']['format'] == 'gguf', suffix
 
 
 # -- bad GGUF input: one error line, exit 2, nothing written ------------------
