@@ -120,7 +120,7 @@ def _gguf_version() -> str:
 
 
 class GGUFFile:
-  """One GGUF file, its header parsed and checked (use `open`, which caches)."""
+  """One GGUF file, its header parsed and checked (use `open_file`, which caches)."""
 
   def __init__(self, path: str):
     self.path = path

@@ -387,6 +387,8 @@ def bad_gguf(gguf_pair, tmp_path) -> dict[str, tuple[str, str]]:
   cases['width contradicts tensors'] = (
       _rewrite(good, str(tmp_path / 'width.gguf'), **{'qwen3.embedding_length': 96}),
       'embedding_length = 96 contradicts token_embd.weight')
+  cases['part of a split file'] = (_rewrite(good, str(tmp_path / 'split.gguf'), **{'split.count': 3}),
+                                   r'part 1 of a GGUF split into 3 files; merge them')
   cases['unknown metadata key'] = (
       _rewrite(good, str(tmp_path / 'key.gguf'), **{'qwen3.expert_count': 8}),
       r'unknown GGUF metadata key\(s\) qwen3.expert_count')
