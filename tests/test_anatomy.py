@@ -107,13 +107,17 @@ def test_every_location_points_at_the_planted_outlier(measured):
   assert an['outlier_channels']['channels_over_per_layer'] == [0, 1, 1]
   peaks = {p['layer']: p for p in an['residual_peaks']}
   assert located(peaks[1]) == WANT and located(peaks[2]) == WANT
-  ta = an['token_attribution']
-  assert ta['flagged_tokens'] == 1 and ta['tokens'] == sum(LENGTHS)
-  (top,) = ta['top_token_ids']
-  assert (top['token_id'], top['flagged'], top['occurrences']) == (TRIGGER, 1, 1)
-  assert ta['top_positions'] == [{'position': POSITION, 'flagged': 1}]
-  assert ta['per_layer']['flagged'] == [0, 1, 1] and ta['layers_flagged'] == {'2': 1}
-  assert ta['classes']['other']['flagged'] == 1 and ta['classes']['first']['total'] == len(LENGTHS)
+  # Both token rules find the trigger and nothing else: its state is one massive channel over ~0.03,
+  # far above its own median and the median of its sequence's layer output alike.
+  assert an['token_attribution']['criterion']['name'] == 'layer_median'
+  assert an['token_attribution_token_median']['criterion']['name'] == 'token_median'
+  for ta in (an['token_attribution'], an['token_attribution_token_median']):
+    assert ta['flagged_tokens'] == 1 and ta['tokens'] == sum(LENGTHS)
+    (top,) = ta['top_token_ids']
+    assert (top['token_id'], top['flagged'], top['occurrences']) == (TRIGGER, 1, 1)
+    assert ta['top_positions'] == [{'position': POSITION, 'flagged': 1}]
+    assert ta['per_layer']['flagged'] == [0, 1, 1] and ta['layers_flagged'] == {'2': 1}
+    assert ta['classes']['other']['flagged'] == 1 and ta['classes']['first']['total'] == len(LENGTHS)
   lw = an['layerwise']
   assert lw['top1_channel'][1:] == [CHANNEL, CHANNEL] and lw['top1'][1] > 200 * lw['top2'][1]
 
@@ -122,6 +126,42 @@ def test_every_location_points_at_the_planted_outlier(measured):
   for rule in (anatomy.ChannelRule('mad'), anatomy.ChannelRule('sun')):
     assert [c['channel'] for c in anatomy.outlier_channels([0, 1, 2], absmax, medians, rule)['channels']] == [CHANNEL]
   assert anatomy.outlier_channels([0, 1, 2], absmax, medians, anatomy.ChannelRule(min_layer_share=1.0))['channels'] == []
+
+
+def test_layer_median_fields_match_torch_median_of_each_sequence(planted, measured):
+  """The layer-median rule's figures against torch.median over each sample's layer output, the
+  computation of Sun et al.'s code, one sample at a time through transformers."""
+  import torch
+  import transformers
+  ckpt, corpus_a, _, _ = planted
+  m, _ = measured
+  samples = [json.loads(line)['input_ids'] for line in open(corpus_a)]
+  model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+  want = {layer: {'n_pass': 0, 'medians': [], 'peak': (-1.0, None)} for layer in range(3)}
+  outputs = {}
+  for layer in range(3):  # hooks: transformers' last hidden_states entry has the final norm applied
+    model.model.layers[layer].register_forward_hook(
+        lambda module, args, out, layer=layer: outputs.__setitem__(layer, out[0] if isinstance(out, tuple) else out))
+  with torch.no_grad():
+    for s in samples:
+      model(input_ids=torch.tensor([s]))
+      for layer in range(3):
+        a = outputs[layer][0].abs()  # [T, D], the output of decoder layer `layer`
+        med = float(a.median())  # torch's lower median over the whole sequence's layer output
+        tok = a.amax(dim=-1)
+        w = want[layer]
+        w['n_pass'] += int(((tok > 100) & (tok / med > 1000)).sum())
+        w['medians'].append(med)
+        if float(tok.max()) > w['peak'][0]:
+          w['peak'] = (float(tok.max()), med)
+  for layer in range(3):
+    got, w = m.doc['per_layer_stats'][f'layer_{layer}_hidden'], want[layer]
+    assert got['layer_median_n_pass'] == w['n_pass'] == (1 if layer else 0)
+    assert got['layer_median_n_seq'] == len(samples)
+    assert got['layer_median_seq_mean'] == pytest.approx(np.mean(w['medians']), rel=1e-5)
+    assert got['layer_median_peak_median'] == pytest.approx(w['peak'][1], rel=1e-5)
+    assert got['layer_median_peak_ratio'] == pytest.approx(w['peak'][0] / w['peak'][1], rel=1e-4)
+    assert got['sun_n_pass'] == (1 if layer else 0)  # the reference's field, unchanged
 
 
 def test_anatomy_command_surface_views_and_report(measured, capsys, tmp_path):
@@ -283,6 +323,47 @@ def test_channel_maxima_and_token_flags_by_hand():
   b.update({**{k: np.asarray(v) for k, v in p.items()}, 'chan_absmax': np.array([1.0, 2.0, 3.0, 900.0], np.float32)},
            np.array([2, 3]), 5)
   np.testing.assert_array_equal(a.merge(b).chan_absmax, [500.0, 90.0, 3.0, 900.0])
+
+
+def test_the_two_token_rules_by_hand():
+  """A token whose whole state is large passes the layer-median rule only; a token with one large
+  channel among tiny ones, in a sequence of ordinary ones, passes the per-token rule only."""
+  import jax
+  from maxact_jax import stats
+  x = np.zeros((2, 4, 4), np.float32)
+  # Row 0: token 0 is large everywhere: its own (lower) median is 200, ratio 2.5 -> not by the token's
+  # own median. The row's 16 values sorted: 0.1 x 8, 0.2 x 4, 150, 200, 300, 500; the lower median
+  # (the 8th) is 0.1 (the mean of the middle two would be 0.15): 500 / 0.1 = 5000 -> flagged.
+  x[0] = [[500, -200, 150, 300], [0.1] * 4, [-0.1] * 4, [0.2] * 4]
+  # Row 1, three valid tokens: token 1 is 150 among 0.01s, 15000x its own median -> flagged by the
+  # per-token rule; the row's 12 values: 0.01 x 3, 1 x 4, 2 x 4, 150: lower median 1, ratio 150 ->
+  # not by the layer median. The padding (1e4) would move that median to 2 if it counted.
+  x[1] = [[1] * 4, [150, 0.01, 0.01, -0.01], [2] * 4, [1e4] * 4]
+  valid = np.array([[True] * 4, [True, True, True, False]])
+  p = jax.jit(stats.tap_partial, static_argnames=('full', 'anatomy'))(x, valid, full=True, anatomy=True)
+  p = {k: np.asarray(v) for k, v in p.items()}
+  np.testing.assert_array_equal(p['layer_median_tok'], [[True, False, False, False], [False] * 4])
+  np.testing.assert_array_equal(p['sun_tok'], [[False] * 4, [False, True, False, False]])
+  np.testing.assert_allclose(p['layer_median_seq_sum'], [0.1, 1.0], rtol=1e-7)
+  np.testing.assert_array_equal(np.asarray(stats.sequence_median(np.abs(x), valid)), np.float32([0.1, 1.0]))
+  s = stats.TapStats(full=True)
+  s.update(p, np.array([0, 1]), 7)
+  f = s.finalize()
+  assert (f['layer_median_n_pass'], f['sun_n_pass'], f['layer_median_n_seq']) == (1, 1, 2)
+  assert f['sun_peak_abs'] == 500 and f['sun_peak_token_ratio'] == pytest.approx(2.5)
+  assert f['layer_median_peak_median'] == pytest.approx(0.1) and f['layer_median_peak_ratio'] == pytest.approx(5000)
+  assert f['layer_median_seq_mean'] == pytest.approx(0.55)
+  # Merging keeps the peak token's own sequence median with it, in either order.
+  other = stats.TapStats(full=True)
+  other.update({**p, 'sun_peak_abs': np.float32(600), 'layer_median_peak': np.float32(3.0)}, np.array([2, 3]), 7)
+  for merged in (stats.TapStats.from_state_dict(s.state_dict()).merge(other),
+                 stats.TapStats.from_state_dict(other.state_dict()).merge(s)):
+    g = merged.finalize()
+    assert (g['layer_median_n_pass'], g['layer_median_n_seq'], g['layer_median_peak_median']) == (2, 4, 3.0)
+  # The per-rule flags go to each rule's attribution.
+  flags = anatomy.take_flags({'layer_0_hidden': dict(p)})
+  assert flags['layer_median'][0].tolist() == p['layer_median_tok'].tolist()
+  assert flags['token_median'][0].tolist() == p['sun_tok'].tolist()
 
 
 def test_parse_and_control_channels():
