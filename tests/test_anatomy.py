@@ -207,13 +207,24 @@ def test_anatomy_command_surface_views_and_report(measured, capsys, tmp_path):
   assert summary['models'][0]['anatomy']['outlier_channels'][0]['channel'] == CHANNEL
 
 
-def torch_losses(ckpt: str, samples: list[list[int]], replace: float | None):
-  """transformers with a forward hook on decoder layer LAYER setting channel CHANNEL to `replace`:
-  (mean next-token loss, mean KL(base || replaced), share of unchanged argmax), or the base loss."""
+def torch_massive(h):
+  """[B, T, D] -> [B, T] bool: where channel CHANNEL is massive by the layer-median rule, computed as
+  Sun et al.'s code does: torch.median of |x| over one sequence's whole layer output."""
+  import torch
+  med = torch.stack([row.abs().median() for row in h])  # the lower median of each sequence's [T, D]
+  a = h[..., CHANNEL].abs()
+  return (a > 100) & (a / med[:, None] > 1000)
+
+
+def torch_losses(ckpt: str, samples: list[list[int]], replace: float | None, massive_only: bool = False):
+  """transformers with a forward hook on decoder layer LAYER setting channel CHANNEL to `replace` (at
+  every position, or only where it is massive): (mean next-token loss, mean KL(base || replaced), share
+  of unchanged argmax, elements replaced), or the base loss."""
   import torch
   import transformers
   model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
   ids = torch.tensor(samples)
+  replaced = []
 
   def logprobs():
     with torch.no_grad():
@@ -221,7 +232,9 @@ def torch_losses(ckpt: str, samples: list[list[int]], replace: float | None):
 
   def hook(module, args, out):
     h = (out[0] if isinstance(out, tuple) else out).clone()
-    h[..., CHANNEL] = replace
+    where = torch_massive(h) if massive_only else torch.ones(h.shape[:2], dtype=torch.bool)
+    h[..., CHANNEL] = torch.where(where, torch.tensor(replace, dtype=h.dtype), h[..., CHANNEL])
+    replaced.append(int(where.sum()))
     return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
   base = logprobs()
@@ -231,7 +244,7 @@ def torch_losses(ckpt: str, samples: list[list[int]], replace: float | None):
   target = ids[:, 1:, None]
   nll = lambda lp: float(-lp.gather(-1, target).mean())
   kl = float((base.exp() * (base - edited)).sum(-1).mean())
-  return nll(base), nll(edited), kl, float((base.argmax(-1) == edited.argmax(-1)).double().mean())
+  return nll(base), nll(edited), kl, float((base.argmax(-1) == edited.argmax(-1)).double().mean()), replaced[0]
 
 
 def test_zeroing_the_planted_channel_costs_loss_a_random_one_does_not(planted, tmp_path):
@@ -241,7 +254,7 @@ def test_zeroing_the_planted_channel_costs_loss_a_random_one_does_not(planted, t
       data_path=corpus_b, batch_size=4, dtype='float32'))
   doc = r.doc
   req, *controls = doc['variants']
-  assert doc['predicted_positions'] == 12 * 39 and req['channels'] == [{'layer': 1, 'channel': 13, 'value': 0.0}]
+  assert doc['predicted_positions'] == 12 * 39 and req['channels'] == [{'layer': 1, 'channel': 13, 'value': 0.0, 'replaced': 12 * 40}]
   # Figures (float32, 468 positions): base loss 4.714 (the follower is predicted after each of the 72
   # triggers); zeroing 1:13: +0.851, KL 0.851 nats, top-1 kept 62%; random channels 1:8 and 1:122:
   # -0.0001 and -0.0011, KL 2.5e-4 and 1.5e-4, top-1 kept 88% and 95% (a random-init model's flat
@@ -259,17 +272,17 @@ def test_zeroing_the_planted_channel_costs_loss_a_random_one_does_not(planted, t
   assert os.path.isfile(r.path) and json.load(open(r.path))['variants'][0]['name'] == 'requested'
 
   # The same replacement done by transformers through a forward hook.
-  base_loss, zero_loss, kl, agree = torch_losses(ckpt, samples_b, 0.0)
+  base_loss, zero_loss, kl, agree, _ = torch_losses(ckpt, samples_b, 0.0)
   assert doc['base']['loss'] == pytest.approx(base_loss, rel=1e-5)
   assert req['loss'] == pytest.approx(zero_loss, rel=1e-5)
   assert req['kl_mean'] == pytest.approx(kl, rel=1e-3)
   assert req['top1_agreement'] == pytest.approx(agree)
 
 
-def test_mean_mode_uses_the_corpus_mean_of_the_channel(planted, tmp_path):
+def test_channel_mean_mode_uses_the_corpus_mean_of_the_channel(planted, tmp_path):
   ckpt, _, corpus_b, samples_b = planted
   r = intervene.intervene(intervene.InterveneOptions(
-      model_path=ckpt, output_dir=str(tmp_path), channels=[f'{LAYER}:{CHANNEL}'], mode='mean', controls=0,
+      model_path=ckpt, output_dir=str(tmp_path), channels=[f'{LAYER}:{CHANNEL}'], mode='channel_mean', controls=0,
       data_path=corpus_b, batch_size=4, dtype='float32'))
   (req,) = r.doc['variants']
   import torch
@@ -279,8 +292,51 @@ def test_mean_mode_uses_the_corpus_mean_of_the_channel(planted, tmp_path):
     hidden = model(input_ids=torch.tensor(samples_b), output_hidden_states=True).hidden_states[LAYER + 1]
   mean = float(hidden[..., CHANNEL].double().mean())  # 6 of 40 tokens carry ~1420: the mean is ~220
   assert req['channels'][0]['value'] == pytest.approx(mean, rel=1e-5) and mean > 100
-  _, loss, kl, _ = torch_losses(ckpt, samples_b, req['channels'][0]['value'])
+  _, loss, kl, _, replaced = torch_losses(ckpt, samples_b, req['channels'][0]['value'])
   assert req['loss'] == pytest.approx(loss, rel=1e-5) and req['kl_mean'] == pytest.approx(kl, rel=1e-3)
+  assert req['replaced'] == req['channels'][0]['replaced'] == replaced == 12 * 40  # every position
+
+
+def test_massive_modes_replace_the_massive_values_where_they_occur(planted, tmp_path):
+  """Sun et al.'s experiment: the trigger's massive value in channel 13, and only it, set to the mean
+  of the massive values (the model barely notices) or to 0 (the follower is no longer predicted); both
+  against the same replacement by a transformers hook that finds the positions with torch.median."""
+  import torch
+  import transformers
+  ckpt, _, corpus_b, samples_b = planted
+  run = lambda mode, controls=0: intervene.intervene(intervene.InterveneOptions(
+      model_path=ckpt, output_dir=str(tmp_path), channels=[f'{LAYER}:{CHANNEL}'], mode=mode, controls=controls,
+      data_path=corpus_b, batch_size=4, dtype='float32')).doc
+  model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+  with torch.no_grad():
+    hidden = model(input_ids=torch.tensor(samples_b), output_hidden_states=True).hidden_states[LAYER + 1]
+  where = torch_massive(hidden)
+  triggers = torch.tensor(samples_b) == TRIGGER
+  assert torch.equal(where, triggers)  # the rule finds exactly the 72 triggers
+  mean = float(hidden[..., CHANNEL][where].double().mean())  # ~1420: they stay massive
+
+  doc = run('massive_mean', controls=1)
+  (req, control) = doc['variants']
+  assert doc['mode_meaning'] == intervene.MODE_MEANING['massive_mean']
+  (ch,) = req['channels']
+  assert ch['value'] == pytest.approx(mean, rel=1e-5) and mean > 1000
+  assert ch['massive_values'] == ch['replaced'] == req['replaced'] == 72
+  base_loss, loss, kl, agree, replaced = torch_losses(ckpt, samples_b, ch['value'], massive_only=True)
+  assert replaced == 72
+  assert doc['base']['loss'] == pytest.approx(base_loss, rel=1e-5) and req['loss'] == pytest.approx(loss, rel=1e-5)
+  assert req['kl_mean'] == pytest.approx(kl, rel=1e-3, abs=1e-7) and req['top1_agreement'] == pytest.approx(agree)
+  # The mean of the massive values leaves the model nearly as it was; a random channel has no massive
+  # value to replace.
+  assert abs(req['delta_loss']) < 0.01 and req['kl_mean'] < 0.01 and req['top1_agreement'] > 0.95
+  assert control['replaced'] == 0 and control['channels'][0]['value'] is None and control['kl_mean'] == 0
+
+  doc = run('massive_zero')
+  (req,) = doc['variants']
+  _, loss, kl, agree, replaced = torch_losses(ckpt, samples_b, 0.0, massive_only=True)
+  assert req['replaced'] == replaced == 72 and req['channels'][0]['value'] == 0.0
+  assert req['loss'] == pytest.approx(loss, rel=1e-5) and req['kl_mean'] == pytest.approx(kl, rel=1e-3)
+  assert req['top1_agreement'] == pytest.approx(agree)
+  assert req['delta_loss'] > 0.5  # as zeroing the whole channel: the massive value was what the head read
 
 
 def test_intervene_and_anatomy_refuse_bad_input(planted, capsys, tmp_path):
@@ -291,6 +347,7 @@ def test_intervene_and_anatomy_refuse_bad_input(planted, capsys, tmp_path):
       (['--channels=1-0:5'], 'runs backwards'),
       (['--channels=x'], 'is not layer:channel'),
       (['--channels=1:2', '--mode=half'], 'mode'),
+      (['--channels=1:2', '--mode=mean'], 'now channel_mean'),  # the old name, refused with both names
   ):
     code = cli.main(['maxact-jax', 'intervene', f'--model_path={ckpt}', f'--output_dir={tmp_path}', *flags])
     err = capsys.readouterr().err.strip().splitlines()
