@@ -170,6 +170,10 @@ def test_anatomy_command_surface_views_and_report(measured, capsys, tmp_path):
   assert cli.main(['maxact-jax', 'anatomy', f'--model_path={model_path}', f'--output_dir={out}']) == 0
   printed = capsys.readouterr().out
   assert f'outlier channels' in printed and f'{CHANNEL} (layers 1-2' in printed
+  # Both token rules, each named: the attribution's layer-median rule first, the reference's beside it.
+  rules = [line for line in printed.splitlines() if line.startswith('tokens with a massive activation')]
+  assert len(rules) == 2 and 'layer-median rule' in rules[0] and 'per-token rule' in rules[1], rules
+  assert all(f': 1 of {sum(LENGTHS)};' in line for line in rules)
   an = json.load(open(os.path.join(out, 'json', 'planted_anatomy.json')))
   # The global maximum sits in layer 1's MLP output; the surface shows the largest residual peak's layer.
   s = an['surface']
@@ -200,6 +204,7 @@ def test_anatomy_command_surface_views_and_report(measured, capsys, tmp_path):
   assert cli.main(['maxact-jax', 'report', f'--results_dir={out}', f'--output_dir={rep}']) == 0
   md = (rep / 'report.md').read_text()
   assert '## Outlier anatomy: planted' in md and f'| {CHANNEL} | 2 (67%) | L1 | L2 | — |' in md
+  assert 'in at least one layer, layer-median rule (Sun et al.' in md and 'in at least one layer, per-token rule' in md
   for view in ('layerwise', 'channels', 'surface'):
     assert f'![planted: {view}](anatomy_planted_{view}.png)' in md
     assert (rep / f'anatomy_planted_{view}.png').stat().st_size > 10_000
