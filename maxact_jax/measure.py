@@ -239,13 +239,14 @@ def layer_table(doc: dict) -> str:
   lines = [f'{"layer":>5} {"rms":>10} {"abs_mean":>10} {"max":>12} {"min":>12} {"peak/token med":>14} '
            f'{"peak/layer med":>14} {"pass token":>10} {"pass layer":>10}']
   nan = float('nan')
+  count = lambda v: f'{int(v):,}' if isinstance(v, (int, float)) else '—'
   for i in range(doc['num_hidden_layers']):
     s = per.get(f'layer_{i}_hidden')
     if not s:
       continue
     lines.append(f'{i:>5} {s["rms"]:>10.4g} {s["abs_mean"]:>10.4g} {s["max"]:>12.6g} {s["min"]:>12.6g} '
                  f'{s.get("sun_peak_token_ratio", nan):>14.4g} {s.get("layer_median_peak_ratio", nan):>14.4g} '
-                 f'{s.get("sun_n_pass", "—"):>10} {s.get("layer_median_n_pass", "—"):>10}')
+                 f'{count(s.get("sun_n_pass")):>10} {count(s.get("layer_median_n_pass")):>10}')
   return '\n'.join(lines)
 
 
