@@ -238,7 +238,8 @@ def make_means_step(config: ModelConfig, dtype: Any, massive_layers: np.ndarray 
   return jax.jit(step)
 
 
-def make_eval_step(config: ModelConfig, dtype: Any, chunk: int = LOGITS_CHUNK, massive_only: bool = False) -> Callable:
+def make_eval_step(config: ModelConfig, dtype: Any, chunk: int = LOGITS_CHUNK,
+                   massive_only: bool = False) -> Callable:
   """jit(params, ids [B,T], valid [B,T], masks [V,L,D], values [V,L,D]) -> per-position metrics.
 
   Returns, over the T - 1 predicted positions (position t predicts token t + 1):

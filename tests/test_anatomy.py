@@ -259,7 +259,8 @@ def test_zeroing_the_planted_channel_costs_loss_a_random_one_does_not(planted, t
       data_path=corpus_b, batch_size=4, dtype='float32'))
   doc = r.doc
   req, *controls = doc['variants']
-  assert doc['predicted_positions'] == 12 * 39 and req['channels'] == [{'layer': 1, 'channel': 13, 'value': 0.0, 'replaced': 12 * 40}]
+  assert doc['predicted_positions'] == 12 * 39
+  assert req['channels'] == [{'layer': 1, 'channel': 13, 'value': 0.0, 'replaced': 12 * 40}]
   # Figures (float32, 468 positions): base loss 4.714 (the follower is predicted after each of the 72
   # triggers); zeroing 1:13: +0.851, KL 0.851 nats, top-1 kept 62%; random channels 1:8 and 1:122:
   # -0.0001 and -0.0011, KL 2.5e-4 and 1.5e-4, top-1 kept 88% and 95% (a random-init model's flat
