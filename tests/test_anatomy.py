@@ -427,6 +427,9 @@ def test_the_two_token_rules_by_hand():
   flags = anatomy.take_flags({'layer_0_hidden': dict(p)})
   assert flags['layer_median'][0].tolist() == p['layer_median_tok'].tolist()
   assert flags['token_median'][0].tolist() == p['sun_tok'].tolist()
+  # An anatomy file written before the layer-median rule holds the per-token rule without naming it.
+  assert anatomy.attribution_rule({'criterion': {'sun_t_val': 100.0, 'sun_t_ratio': 1000.0}}) == 'token_median'
+  assert anatomy.attribution_rule({'criterion': {'name': 'layer_median'}}) == 'layer_median'
 
 
 def test_parse_and_control_channels():
