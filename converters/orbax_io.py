@@ -2,11 +2,14 @@
 
 A converted model directory is itself a valid `--model_path`:
 
-  config.json, tokenizer files, ...  copied from the Hugging Face directory
+  config.json, tokenizer files, ...  copied from the Hugging Face directory (a GGUF
+                                     file: the config.json and tokenizer.json its
+                                     metadata describes)
   maxact_checkpoint.json             what this is: the source checkpoint's identity
                                      (path, model_type, size and header sha256 of each
-                                     safetensors file), the converter version, the
-                                     dtype and every parameter's shape
+                                     safetensors or GGUF file), the converter version,
+                                     the dtype, every parameter's shape and what the
+                                     weights were stored as (`weights`, see weights.py)
   params/                            an orbax `StandardCheckpointer` checkpoint
                                      (tensorstore zarr arrays, one per Flax parameter)
 
@@ -42,8 +45,8 @@ import numpy as np
 import tensorstore as ts
 from absl import logging as absl_logging
 
-from converters.safetensors_io import Checkpoint
-from converters.weight_map import WeightMap, build_row, check_coverage, plan, row_shape, unflatten
+from converters.weight_map import (WeightMap, build_row, check_coverage, open_checkpoint, plan, row_shape,
+                                   unflatten)
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
@@ -158,11 +161,16 @@ def _target_dir(out_dir: str) -> None:
 
 
 def convert(model_dir: str, out_dir: str, dtype: Any, wmap: WeightMap,
-            log: Callable[[str], None] | None = None) -> dict[str, Any]:
-  """Convert the safetensors checkpoint in `model_dir` to an orbax model directory.
+            log: Callable[[str], None] | None = None, source_weights: dict[str, Any] | None = None,
+            files: dict[str, bytes] | None = None) -> dict[str, Any]:
+  """Convert the checkpoint at `model_dir` (safetensors or GGUF) to an orbax model directory.
 
-  Written under `<out_dir>.partial` and renamed at the end: an interrupted
-  conversion never leaves a directory that looks complete.
+  `source_weights`: what the source's weights were stored as (recorded, and carried
+  into the results of every run on the converted directory); `files`: name -> bytes
+  written beside the parameters after the non-weight files of `model_dir` are copied
+  (a GGUF file's config.json and tokenizer.json; a --tokenizer's files). Written
+  under `<out_dir>.partial` and renamed at the end: an interrupted conversion never
+  leaves a directory that looks complete.
   """
   # About 1 s to import; only converted directories need it.
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
@@ -174,7 +182,7 @@ def convert(model_dir: str, out_dir: str, dtype: Any, wmap: WeightMap,
   if is_orbax_dir(model_dir):
     raise UserError(f'{model_dir} is already a converted orbax model directory')
   _target_dir(out_dir)
-  ckpt = Checkpoint(model_dir)
+  ckpt = open_checkpoint(model_dir, config)
   plans = plan(config, wmap, dtype)
   check_coverage(plans, ckpt.keys(), wmap, config, model_dir)
   tmp = os.path.abspath(out_dir.rstrip('/') + '.partial')
@@ -218,11 +226,16 @@ def convert(model_dir: str, out_dir: str, dtype: Any, wmap: WeightMap,
     log(f'  [{i + 1}/{len(plans)}] {p.name} {tuple(p.shape)}')
 
   copied = []
-  for name in sorted(os.listdir(model_dir)):
+  for name in sorted(os.listdir(model_dir)) if os.path.isdir(model_dir) else ():
     src = os.path.join(model_dir, name)
     if os.path.isfile(src) and not name.endswith(WEIGHT_SUFFIXES) and name not in WEIGHT_FILES:
       shutil.copy2(src, os.path.join(tmp, name))
       copied.append(name)
+  for name, blob in (files or {}).items():
+    with open(os.path.join(tmp, name), 'wb') as f:
+      f.write(blob)
+    copied.append(name)
+  config_json = os.path.join(tmp, 'config.json')
   meta = {
       'format': FORMAT,
       'converter_version': CONVERTER_VERSION,
@@ -233,12 +246,14 @@ def convert(model_dir: str, out_dir: str, dtype: Any, wmap: WeightMap,
       'source': {
           'path': os.path.abspath(model_dir),
           'model_type': config.model_type,
-          'config_sha256': _sha256(os.path.join(model_dir, 'config.json')),
+          'config_sha256': _sha256(config_json) if os.path.isfile(config_json) else None,
           'files': ckpt.header_digests(),
       },
       'config': config_identity(config),
       'params': {p.name: {'shape': list(p.shape), 'dtype': np_dtype.name} for p in plans},
-      'copied_files': copied,
+      'weights': {'format': 'orbax', 'stored_dtype': np_dtype.name,
+                  'quant_types': {np_dtype.name.upper(): len(plans)}, 'source': source_weights},
+      'copied_files': sorted(set(copied)),
       'convert_s': round(time.perf_counter() - t0, 3),
   }
   with open(os.path.join(tmp, METADATA_FILE), 'w', encoding='utf-8') as f:

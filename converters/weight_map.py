@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from converters.gguf_io import GGUFCheckpoint
 from converters.safetensors_io import Checkpoint
+from maxact_jax import gguf_file
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 from maxact_jax.models import transformer
@@ -256,6 +258,13 @@ def build_param(ckpt: Checkpoint, p: ParamPlan) -> np.ndarray:
   return out
 
 
+def open_checkpoint(model_path: str, config: ModelConfig) -> Checkpoint | GGUFCheckpoint:
+  """The checkpoint's tensors under Hugging Face names: a GGUF file (see gguf_io), else
+  the safetensors of a Hugging Face directory."""
+  path = gguf_file.find(model_path)
+  return GGUFCheckpoint(path, config) if path else Checkpoint(model_path)
+
+
 def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
   tree: dict = {}
   for path, value in flat.items():
@@ -273,7 +282,7 @@ def load(model_dir: str, config: ModelConfig, wmap: WeightMap, dtype: Any = jnp.
   `place(path, host_array)` puts each finished parameter where it belongs
   (default: `jax.device_put`); the host buffer is dropped right after.
   """
-  ckpt = Checkpoint(model_dir)
+  ckpt = open_checkpoint(model_dir, config)
   config, wmap = resolve_layout(config, wmap, ckpt.keys(), model_dir)
   plans = plan(config, wmap, dtype, ckpt.keys())
   check_coverage(plans, ckpt.keys(), wmap, config, model_dir)

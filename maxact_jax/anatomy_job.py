@@ -81,7 +81,8 @@ def run_anatomy(opts: AnatomyOptions) -> AnatomyResult:
     mopts = measure.MeasureOptions(
         model_path=opts.model_path, output_dir=opts.output_dir, data_path=data_path,
         max_samples=opts.max_samples or run_info.get('max_samples') or doc.get('num_samples'),
-        max_seq_len=opts.max_seq_len or doc.get('max_seq_len'), source_tokenizer=run_info.get('source_tokenizer'))
+        max_seq_len=opts.max_seq_len or doc.get('max_seq_len'), source_tokenizer=run_info.get('source_tokenizer'),
+        tokenizer=run_info.get('tokenizer'))
     corpus = measure.load_measure_corpus(mopts, config)
     if not 0 <= sample < len(corpus.samples):
       raise UserError(f'--sample={sample} is not in the corpus ({len(corpus.samples)} samples)')
@@ -94,7 +95,7 @@ def run_anatomy(opts: AnatomyOptions) -> AnatomyResult:
       around = peak['position']
     surf = anatomy_pass.surface(config, params, measure_step.DTYPES[dtype_name], corpus.samples[sample], layer,
                                 opts.surface_tokens, around)
-    tokenizer = data.Tokenizer.maybe(opts.model_path)
+    tokenizer = data.Tokenizer.maybe(mopts.tokenizer_source)
     texts = tokenizer.decode_each(surf['token_ids']) if tokenizer else None
     surf.update(sample=sample, layer=layer)
     anatomy.write_npz(p['surface'], abs=surf['abs'], positions=surf['positions'], token_ids=surf['token_ids'],

@@ -15,6 +15,7 @@ import json
 import os
 from typing import Any
 
+from maxact_jax import gguf_config, gguf_file
 from maxact_jax.errors import UserError
 
 # Layer kinds, per layer (ModelConfig.layer_types).
@@ -156,28 +157,37 @@ class ModelConfig:
 # ---------------------------------------------------------------------------
 # Reading config.json.
 
-# Fields that never change the forward pass of a decoder on token input.
+# Fields that never change the forward pass of a decoder on token input, accepted by
+# name wherever they appear. Grouped by where they come from; anything else a family
+# does not read is refused (ConfigReader.finish).
 INERT_FIELDS = frozenset({
-    'architectures', 'auto_map', 'transformers_version', 'torch_dtype', 'dtype',
-    'use_cache', 'bos_token_id', 'eos_token_id', 'initializer_range',
-    'attention_dropout', 'hidden_dropout', 'dropout', 'output_attentions',
-    'output_hidden_states', 'return_dict', '_name_or_path', 'tokenizer_class',
-    'task_specific_params', 'problem_type', 'id2label', 'label2id',
-    'is_encoder_decoder', 'tie_encoder_decoder', 'chunk_size_feed_forward',
-    'prefix', 'sep_token_id', 'decoder_start_token_id', 'max_length',
-    'num_beams', 'temperature', 'top_p', 'top_k', 'use_return_dict',
-    'model_name', 'quantization_config_name', 'keys_to_ignore_at_inference',
+    # transformers' PretrainedConfig: the generic attributes every config carries
+    # (identity and serialization, output switches, task-head labels, the attention
+    # and experts kernels chosen at load time), as transformers 4 and 5 write them.
+    # `_model_name_or_path` is the GGUF file's general.name (transformers' GGUF load).
+    'architectures', 'auto_map', 'transformers_version', 'torch_dtype', 'dtype', '_name_or_path',
+    'name_or_path', '_model_name_or_path', '_commit_hash', 'model_name', 'use_cache', 'return_dict',
+    'use_return_dict', 'output_attentions', 'output_hidden_states', 'torchscript', 'use_bfloat16',
+    'tf_legacy_loss', 'pruned_heads', 'chunk_size_feed_forward', 'problem_type', 'id2label', 'label2id',
+    'num_labels', 'finetuning_task', 'task_specific_params', 'prefix', 'tokenizer_class',
+    'is_encoder_decoder', 'tie_encoder_decoder', 'is_decoder', 'add_cross_attention',
+    'cross_attention_hidden_size', 'keys_to_ignore_at_inference', 'quantization_config_name',
     '_attn_implementation', '_attn_implementation_autoset', 'attn_implementation',
-    'output_router_logits', 'router_aux_loss_coef', 'router_z_loss_coef',
-    'use_bfloat16', 'torchscript', 'pruned_heads', 'finetuning_task',
-    'cross_attention_hidden_size', 'add_cross_attention', 'is_decoder',
-    'tf_legacy_loss', 'chunk_size', 'typical_p', 'repetition_penalty',
-    'length_penalty', 'no_repeat_ngram_size', 'encoder_no_repeat_ngram_size',
-    'bad_words_ids', 'num_return_sequences', 'output_scores',
-    'return_dict_in_generate', 'forced_bos_token_id', 'forced_eos_token_id',
-    'remove_invalid_values', 'exponential_decay_length_penalty', 'suppress_tokens',
-    'begin_suppress_tokens', 'diversity_penalty', 'num_beam_groups', 'min_length',
-    'do_sample', 'early_stopping', 'max_new_tokens', 'image_token_index',
+    '_experts_implementation', 'experts_implementation',
+    # Token ids: which id is BOS, EOS, UNK, ... is the tokenizer's and generate()'s business;
+    # the forward pass takes ids (pad_token_id, which a family may read, is not here).
+    'bos_token_id', 'eos_token_id', 'unk_token_id', 'sep_token_id', 'cls_token_id', 'mask_token_id',
+    'decoder_start_token_id', 'image_token_index',
+    # Generation defaults (transformers 4 kept them on the config; generate() reads them).
+    'max_length', 'min_length', 'max_new_tokens', 'do_sample', 'early_stopping', 'num_beams',
+    'num_beam_groups', 'diversity_penalty', 'temperature', 'top_k', 'top_p', 'typical_p',
+    'repetition_penalty', 'length_penalty', 'no_repeat_ngram_size', 'encoder_no_repeat_ngram_size',
+    'bad_words_ids', 'num_return_sequences', 'output_scores', 'return_dict_in_generate',
+    'forced_bos_token_id', 'forced_eos_token_id', 'remove_invalid_values',
+    'exponential_decay_length_penalty', 'suppress_tokens', 'begin_suppress_tokens',
+    # Training only: initialisation, dropout (off in evaluation), auxiliary losses.
+    'initializer_range', 'attention_dropout', 'hidden_dropout', 'dropout', 'output_router_logits',
+    'router_aux_loss_coef', 'router_z_loss_coef', 'chunk_size',
 })
 
 _REQUIRED = object()
@@ -327,9 +337,13 @@ def read_rope(reader: ConfigReader, head_dim: int, *, theta_key: str = 'rope_the
 
 
 def read_config_json(model_dir: str) -> dict[str, Any]:
-  """The raw config.json of a checkpoint directory, with one-line errors."""
+  """The raw config.json of a checkpoint directory (for a GGUF file, the config.json
+  its metadata describes: see gguf_config), with one-line errors."""
   if not model_dir:
     raise UserError('no --model_path given')
+  gguf_path = gguf_file.find(model_dir)
+  if gguf_path:
+    return gguf_config.config_dict(gguf_file.open_file(gguf_path))
   if not os.path.exists(model_dir):
     raise UserError(f'model path {model_dir} does not exist')
   if not os.path.isdir(model_dir):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters import orbax_io
-from maxact_jax import capture, data, measure_step, results
+from maxact_jax import capture, data, gguf_file, measure_step, results
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
 from maxact_jax.models import transformer
@@ -41,15 +41,16 @@ class CrosscheckOptions:
   dtype: str = 'float32'
   output_dir: str | None = None
   tolerance: float | None = None
+  tokenizer: str | None = None  # instead of the checkpoint's own
 
 
 def sample_batch(opts: CrosscheckOptions, vocab_size: int) -> data.Batch:
   """The first `num_samples` samples of the corpus (or the built-in one), as one batch."""
   if opts.data_path:
     corpus = data.load_corpus(opts.data_path, vocab_size=vocab_size, max_samples=opts.num_samples,
-                              max_seq_len=opts.max_seq_len, model_dir=opts.model_path)
+                              max_seq_len=opts.max_seq_len, model_dir=opts.tokenizer or opts.model_path)
   else:
-    corpus = data.load_builtin(data.Tokenizer(opts.model_path), vocab_size=vocab_size,
+    corpus = data.load_builtin(data.Tokenizer(opts.tokenizer or opts.model_path), vocab_size=vocab_size,
                                num_samples=opts.num_samples, max_seq_len=opts.max_seq_len)
   group = np.arange(len(corpus.samples))
   return data.make_batch(corpus, group, int(corpus.lengths.max()), len(group))
@@ -144,7 +145,7 @@ def reference_checkpoint(model_path: str) -> str:
   if not orbax_io.is_orbax_dir(model_path):
     return model_path
   source = orbax_io.read_metadata(model_path).get('source', {}).get('path', '')
-  if not os.path.isfile(os.path.join(source, 'config.json')):
+  if not (os.path.isfile(os.path.join(source, 'config.json')) or gguf_file.find(source)):
     raise UserError(f'{model_path} is a converted orbax directory; transformers needs its source checkpoint, '
                     f'recorded as {source or "(none)"}, which is not there')
   return source

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tokenizers
 
-from maxact_jax import atomic
+from maxact_jax import atomic, gguf_file, gguf_tokenizer
 from maxact_jax.corpus import builtin_corpus
 from maxact_jax.errors import UserError
 
@@ -178,10 +178,16 @@ def read_records(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
 class Tokenizer:
   """A tokenizer.json read with the `tokenizers` library: the checkpoint's, or a source corpus's.
 
-  `path` is a checkpoint directory holding tokenizer.json, or the file itself.
+  `path` is a checkpoint directory holding tokenizer.json, or the file itself; or a
+  GGUF checkpoint, whose tokenizer is built from its metadata (gguf_tokenizer).
   """
 
   def __init__(self, path: str):
+    gguf_path = gguf_file.find(path)
+    if gguf_path:
+      self._tok = gguf_tokenizer.build(gguf_file.open_file(gguf_path))
+      self.path = gguf_path
+      return
     file = path if os.path.isfile(path) else os.path.join(path, TOKENIZER_FILE)
     if not os.path.isfile(file):
       raise UserError(f'{path} has no {TOKENIZER_FILE}: text corpora need the checkpoint\'s tokenizer '
@@ -235,6 +241,9 @@ class Tokenizer:
 
   @classmethod
   def maybe(cls, model_dir: str) -> 'Tokenizer | None':
+    gguf_path = gguf_file.find(model_dir)
+    if gguf_path:
+      return cls(gguf_path) if gguf_file.open_file(gguf_path).has('tokenizer.ggml.model') else None
     return cls(model_dir) if os.path.isfile(os.path.join(model_dir, TOKENIZER_FILE)) else None
 
 

@@ -15,6 +15,7 @@ over a corpus (quant, intervene, crosscheck, bench) are built on these.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any, Callable, Iterable
 
@@ -50,18 +51,19 @@ def make_forward(config: ModelConfig, dtype: Any) -> Callable:
 
 class Accumulator:
   """Host-side merge of per-batch partials into one TapStats per tap, and the
-  residual stream's per-token flags into the token attribution."""
+  residual stream's per-token flags into the token attribution of each rule."""
 
   def __init__(self, config: ModelConfig):
     self.config = config
     self.taps: dict[str, stats.TapStats] = {}
-    self.attribution = anatomy.TokenAttribution()
+    self.attributions = anatomy.new_attributions()  # one per rule (anatomy.TOKEN_RULES)
     self.batches = 0
     self.tokens = 0
 
   def add(self, sown: Any, batch: data.Batch) -> None:
     partials = capture.collect(self.config, jax.device_get(sown))
-    self.attribution.add(anatomy.take_flags(partials), batch.input_ids, batch.valid)
+    for rule, flags in anatomy.take_flags(partials).items():
+      self.attributions[rule].add(flags, batch.input_ids, batch.valid)
     n_tokens = batch.num_tokens
     for name, partial in partials.items():
       tap = self.taps.get(name)
@@ -182,7 +184,11 @@ def check_memory(steps: CompiledSteps, plan: data.BatchPlan, capacity: int, head
 
 
 def load_params(model_path: str, config: ModelConfig, dtype_name: str, step: parallel.Step | None = None) -> Any:
-  """Parameters of a checkpoint directory, in the named dtype (placed for `step`'s layout)."""
+  """Parameters of a checkpoint directory, in the named dtype (placed for `step`'s layout);
+  a warning line when the dtype is wider than the one the weights are stored in."""
+  warning = converters.weights.upcast_warning(converters.weights_info(model_path), dtype_name, model_path)
+  if warning:
+    print(warning, file=sys.stderr)
   if step is None:
     return converters.load_params(model_path, config, DTYPES[dtype_name])
   return converters.load_params(model_path, config, DTYPES[dtype_name], place=step.place, sharding=step.sharding)

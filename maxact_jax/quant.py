@@ -505,6 +505,7 @@ class QuantOptions:
   role: str | None = None
   max_shapes: int = 8
   progress: bool = True
+  tokenizer: str | None = None  # instead of the checkpoint's own
 
 
 @dataclasses.dataclass
@@ -581,7 +582,8 @@ def quant(opts: QuantOptions) -> QuantResult:
     selected = select_taps(opts.layer_policy, opts.taps, available, peak_tap)
   corpus = measure.load_measure_corpus(measure.MeasureOptions(
       model_path=opts.model_path, output_dir=opts.output_dir, data_path=opts.data_path,
-      max_samples=opts.calibration_samples + opts.eval_samples, max_seq_len=opts.max_seq_len), config)
+      max_samples=opts.calibration_samples + opts.eval_samples, max_seq_len=opts.max_seq_len,
+      tokenizer=opts.tokenizer), config)
   calib, evals = split_corpus(corpus, opts.calibration_samples, opts.eval_samples)
   timings['data_s'] = time.perf_counter() - t0
   t0 = time.perf_counter()
@@ -696,7 +698,8 @@ def quant(opts: QuantOptions) -> QuantResult:
       'eval_stats': {name: eval_summary(acc3.taps[name]) for name in selected},
       'headroom': headroom({n: max_abs[n] for n in extremes if stats.is_activation_tap(n)}),
       'run': {'batch_size': opts.batch_size, 'devices': [str(d) for d in jax.devices()],
-              'jax_version': jax.__version__, **{k: round(v, 3) for k, v in timings.items()}},
+              'jax_version': jax.__version__, 'weights': converters.weights_info(opts.model_path),
+              **{k: round(v, 3) for k, v in timings.items()}},
   }
   json_dir = results.ensure_output_dir(opts.output_dir)
   path = os.path.join(json_dir, f'{model_name}{QUANT_SUFFIX}')

@@ -42,7 +42,10 @@ def ensure_output_dir(output_dir: str) -> str:
 
 
 def model_name_of(model_path: str) -> str:
-  return os.path.basename(os.path.normpath(model_path))
+  """The name results are filed under: the checkpoint directory's name (a GGUF file's
+  name without .gguf)."""
+  name = os.path.basename(os.path.normpath(model_path))
+  return name[:-len('.gguf')] if name.endswith('.gguf') and len(name) > len('.gguf') else name
 
 
 def build_documents(*, header: dict[str, Any], taps: dict[str, stats.TapStats],

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from maxact_jax import atomic, stats
+from maxact_jax import atomic, gguf_file, stats
 from maxact_jax.errors import UserError
 
 # 2: the residual stream's per-channel maxima and the token attribution (maxact_jax.anatomy).
-FORMAT = 2
+# 3: the token attribution under both rules (layer-median and per-token), the layer-median state.
+FORMAT = 3
 
 
 def file_digest(path: str, limit: int | None = None) -> str:
@@ -35,8 +36,14 @@ def file_digest(path: str, limit: int | None = None) -> str:
 
 
 def checkpoint_digest(model_dir: str) -> str:
-  """Hash of config.json and every safetensors file's name, size and header."""
+  """Hash of config.json and every safetensors file's name, size and header (a GGUF
+  file: its name, size and header)."""
   h = hashlib.sha256()
+  gguf_path = gguf_file.find(model_dir)
+  if gguf_path:
+    ident = gguf_file.open_file(gguf_path).identity()
+    h.update(f'{ident["name"]}:{ident["bytes"]}:{ident["header_sha256"]}'.encode())
+    return h.hexdigest()
   for name in sorted(os.listdir(model_dir)):
     path = os.path.join(model_dir, name)
     if name == 'config.json' or name.endswith('.index.json'):

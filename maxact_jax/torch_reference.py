@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from maxact_jax import stats
+from maxact_jax import gguf_file, stats
 from maxact_jax.config import read_config_json
 from maxact_jax.errors import UserError
 
@@ -316,6 +316,9 @@ def load_hf_model(model_path: str, dtype: str = 'float32', attn_implementation: 
   kwargs: dict[str, Any] = {'dtype': getattr(torch, dtype)}
   if attn_implementation:
     kwargs['attn_implementation'] = attn_implementation
+  gguf_path = gguf_file.find(model_path)
+  if gguf_path:
+    return load_hf_gguf(gguf_path, kwargs)
   if has_remote_code(model_path):
     kwargs['trust_remote_code'] = True
   else:
@@ -327,6 +330,20 @@ def load_hf_model(model_path: str, dtype: str = 'float32', attn_implementation: 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
   except ValueError:
     model = transformers.AutoModelForImageTextToText.from_pretrained(model_path, **kwargs)
+  return model.eval()
+
+
+def load_hf_gguf(gguf_path: str, kwargs: dict[str, Any]):
+  """transformers' own GGUF load (its config, its dequantization, its undoing of
+  llama.cpp's changes): the reference a GGUF checkpoint is checked against."""
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  folder, name = os.path.split(os.path.abspath(gguf_path))
+  try:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
+  except (ValueError, NotImplementedError) as e:
+    raise UserError(f'{gguf_path}: transformers {transformers.__version__} cannot load this GGUF file '
+                    f'({str(e).splitlines()[0]}): nothing to compare against') from None
   return model.eval()
 
 

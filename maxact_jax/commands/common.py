@@ -18,8 +18,11 @@ DTYPES = ('bfloat16', 'float32', 'float16')
 
 def define_model_flags(fv: flags.FlagValues, dtype: str = 'bfloat16') -> None:
   flags.DEFINE_string('model_path', None, 'Hugging Face checkpoint directory (config.json, '
-                      '*.safetensors, tokenizer.json). Default: the demo checkpoint, built on first use.',
+                      '*.safetensors, tokenizer.json), a GGUF file (or a directory holding one), or a '
+                      'converted model directory. Default: the demo checkpoint, built on first use.',
                       flag_values=fv)
+  flags.DEFINE_string('tokenizer', None, "Tokenizer directory (tokenizer.json) to use instead of the "
+                      "checkpoint's own (a GGUF file's is built from its metadata).", flag_values=fv)
   flags.DEFINE_string('dtype', dtype, f'Activation and weight dtype: one of {", ".join(DTYPES)}.',
                       flag_values=fv)
 

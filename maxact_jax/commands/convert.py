@@ -1,4 +1,4 @@
-"""`maxact-jax convert`: a Hugging Face checkpoint, once, to an orbax model directory.
+"""`maxact-jax convert`: a Hugging Face or GGUF checkpoint, once, to an orbax model directory.
 
 The output directory is itself a valid --model_path for measure and plan: the
 parameters as an orbax checkpoint (restored straight into any layout's
@@ -28,15 +28,17 @@ flags.DEFINE_boolean('verbose', False, 'Print every parameter as it is written.'
 def run() -> int:
   common.check_dtype(FLAGS.dtype)
   if not FLAGS.model_path:
-    raise UserError('--model_path is required (a Hugging Face checkpoint directory)')
+    raise UserError('--model_path is required (a Hugging Face checkpoint directory or a GGUF file)')
   if not FLAGS.output_dir:
     raise UserError('--output_dir is required (the orbax model directory to create)')
   t0 = time.perf_counter()
   meta = converters.convert(FLAGS.model_path, FLAGS.output_dir, measure_step.DTYPES[FLAGS.dtype],
-                            log=print if FLAGS.verbose else None)
+                            log=print if FLAGS.verbose else None, tokenizer=FLAGS.tokenizer)
   size = sum(f['bytes'] for f in meta['source']['files'])
+  source = meta['weights']['source'] or {}
+  stored = ', '.join(f'{n} {t}' for t, n in (source.get('quant_types') or {}).items())
   print(f'converted {FLAGS.model_path} ({meta["model_type"]}, {len(meta["params"])} parameters, '
-        f'{size / 2**30:.2f} GiB of safetensors) to {FLAGS.output_dir} in {meta["dtype"]} '
-        f'in {time.perf_counter() - t0:.1f} s')
+        f'{size / 2**30:.2f} GiB of {source.get("format", "?")}: {stored}) to {FLAGS.output_dir} in '
+        f'{meta["dtype"]} in {time.perf_counter() - t0:.1f} s')
   print(f'copied beside the parameters: {", ".join(meta["copied_files"]) or "nothing"}')
   return 0

@@ -30,6 +30,6 @@ def run() -> int:
   report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
       model_path=model_path, data_path=FLAGS.data_path, num_samples=FLAGS.num_samples,
       max_seq_len=FLAGS.max_seq_len, dtype=FLAGS.dtype, output_dir=FLAGS.output_dir,
-      tolerance=FLAGS.tolerance))
+      tolerance=FLAGS.tolerance, tokenizer=FLAGS.tokenizer))
   print(crosscheck.format_report(report))
   return 0 if report['passed'] else 1

@@ -68,7 +68,7 @@ def options(fv: flags.FlagValues) -> measure.MeasureOptions:
       model_path=fv.model_path, output_dir=fv.output_dir, data_path=fv.data_path, max_samples=fv.max_samples,
       max_seq_len=fv.max_seq_len, batch_size=fv.batch_size, dtype=fv.dtype, progress=fv.progress,
       checkpoint_every=fv.checkpoint_every, resume=fv.resume, device_memory_gb=fv.device_memory_gb,
-      source_tokenizer=fv.source_tokenizer, max_shapes=fv.max_shapes,
+      source_tokenizer=fv.source_tokenizer, tokenizer=fv.tokenizer, max_shapes=fv.max_shapes,
       shape_cost_tokens=fv.shape_cost_tokens, parallelism=fv.parallelism,
       mesh_shape=fv.mesh_shape, coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
       process_id=fv.process_id, initialization_timeout=fv.initialization_timeout)
@@ -82,7 +82,7 @@ def run() -> int:
       raise UserError('--crosscheck runs in one process: run `maxact-jax crosscheck` before a multi-host measure')
     report = crosscheck.crosscheck(crosscheck.CrosscheckOptions(
         model_path=model_path, data_path=FLAGS.data_path, dtype=FLAGS.dtype,
-        output_dir=FLAGS.output_dir, max_seq_len=min(FLAGS.max_seq_len or 256, 256)))
+        output_dir=FLAGS.output_dir, max_seq_len=min(FLAGS.max_seq_len or 256, 256), tokenizer=FLAGS.tokenizer))
     print(crosscheck.format_report(report))
     if not report['passed']:
       print('crosscheck failed: not measuring')

@@ -18,7 +18,7 @@ from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string('model_path', None, 'A directory holding config.json (weights are not needed).',
+flags.DEFINE_string('model_path', None, 'A directory holding config.json, or a GGUF file (weights are not read).',
                     flag_values=FLAGS)
 flags.DEFINE_string('dtype', 'bfloat16', f'Weight and activation dtype: one of {", ".join(common.DTYPES)}.',
                     flag_values=FLAGS)
@@ -33,7 +33,7 @@ flags.DEFINE_boolean('json', False, 'Print the plan as JSON.', flag_values=FLAGS
 
 def run() -> int:
   if not FLAGS.model_path:
-    raise UserError('--model_path is required (a directory holding config.json)')
+    raise UserError('--model_path is required (a directory holding config.json, or a GGUF file)')
   common.check_dtype(FLAGS.dtype)
   common.check_positive('num_devices', FLAGS.num_devices)
   common.check_positive('batch_size', FLAGS.batch_size)

@@ -52,7 +52,7 @@ def run() -> int:
       calibration_samples=FLAGS.calibration_samples, eval_samples=FLAGS.eval_samples,
       max_seq_len=FLAGS.max_seq_len, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, bits=FLAGS.bits,
       clip_quantile=FLAGS.clip_quantile, hist_bins=FLAGS.hist_bins, family=FLAGS.family, role=FLAGS.role,
-      progress=FLAGS.progress)
+      progress=FLAGS.progress, tokenizer=FLAGS.tokenizer)
   result = quant.quant(opts)
   for line in quant.summary_lines(result.doc):
     print(line)

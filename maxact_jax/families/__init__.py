@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from maxact_jax import gguf_file
 from maxact_jax.config import ConfigReader, ModelConfig, read_config_json
 from maxact_jax.errors import UserError
 from maxact_jax.families import dense, gemma, moe, qwen35, qwen_vl
@@ -39,7 +40,9 @@ def parse_config(raw: dict[str, Any], where: str = 'config.json') -> ModelConfig
 
 
 def load_config(model_dir: str) -> ModelConfig:
-  return parse_config(read_config_json(model_dir), os.path.join(model_dir, 'config.json'))
+  """The ModelConfig of a checkpoint directory, a GGUF file or a converted directory."""
+  where = gguf_file.find(model_dir) or os.path.join(model_dir or '', 'config.json')
+  return parse_config(read_config_json(model_dir), where)
 
 
 __all__ = ['PARSERS', 'load_config', 'parse_config']
