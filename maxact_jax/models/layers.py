@@ -79,23 +79,22 @@ def _linear_params(module: nn.Module, in_features: int, features: int, dtype: DT
   return kernel, bias
 
 
-class Linear(nn.Module):
-  """A Linear with the HF name (`dense`); kernel [in, out] (the transpose of HF's weight),
-  applied by `matmul`."""
-
-  features: int
-  dtype: DType
-  use_bias: bool = False
+class Linear(nn.Dense):
+  """flax's nn.Dense (its fields, parameter names and initialisers: code that finds
+  the model's Linears by `isinstance(m, nn.Dense)` finds these) applied by `matmul`:
+  the product asked for a float32 result of 16-bit operands, the bias added before
+  the one rounding to `dtype` (torch's F.linear)."""
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel, bias = _linear_params(self, x.shape[-1], self.features, self.dtype, self.use_bias)
-    return matmul(x.astype(self.dtype), kernel, self.dtype, bias)
+  def __call__(self, inputs: Array) -> Array:
+    kernel, bias = _linear_params(self, inputs.shape[-1], self.features, self.param_dtype, self.use_bias)
+    return matmul(inputs.astype(self.dtype), kernel.astype(self.dtype), self.dtype, bias)
 
 
 def dense(features: int, name: str, *, dtype: DType, use_bias: bool = False) -> Linear:
   """A Linear with the HF name; kernel is [in, out] (the transpose of HF's weight)."""
-  return Linear(features, dtype, use_bias, name=name)
+  return Linear(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, precision=precision_for(dtype),
+                name=name)
 
 
 class DenseParams(nn.Module):
