@@ -339,6 +339,11 @@ def load_hf_gguf(gguf_path: str, kwargs: dict[str, Any]):
   import transformers  # pylint: disable=import-outside-toplevel
 
   folder, name = os.path.split(os.path.abspath(gguf_path))
+  # Unpacked at load into a plain dense model in the asked dtype, as the paper's
+  # pipeline runs a model: transformers otherwise keeps the weights in GGUF blocks and
+  # computes every matmul in float32 (a bfloat16 run would be float32 products with
+  # casts, and several times slower on the CPU).
+  kwargs = dict(kwargs, quantization_config=transformers.GgufConfig(dequantize=True))
   try:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **kwargs)
   except (ValueError, NotImplementedError) as e:

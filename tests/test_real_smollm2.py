@@ -21,7 +21,8 @@ import converters
 from maxact_jax import crosscheck, data, fixtures_gguf, torch_reference
 from maxact_jax.families import load_config
 from tests.conftest import write_ids_corpus
-from tests.parity_utils import assert_crosscheck_passed, assert_same_global_max, assert_stats_match, \
+from tests.parity_utils import assert_crosscheck_passed, assert_same_global_max, assert_stats_close_bf16, \
+    assert_stats_match, \
     measure_and_reference
 
 OUTLIER_CHANNEL = 507  # SmolLM2-135M's massive-activation channel (residual stream, layers 2-27)
@@ -106,3 +107,19 @@ def test_tokenizer_matches_transformers_on_the_builtin_corpus(smollm2):
   ours = data.Tokenizer(smollm2).encode(texts)
   assert ours == ref(texts)['input_ids']
   assert sum(map(len, ours)) > 1_000_000
+
+
+def test_bf16_measure_matches_the_reference_pipeline_in_bf16(converted, smollm2, tmp_path):
+  """The default dtype on trained weights: measure in bfloat16 (its products asked for a
+  float32 result and rounded once, layers.matmul) against the paper's pipeline on
+  transformers' GGUF load in bfloat16, every tap at the bf16 tolerances; the massive
+  activation found at the same place."""
+  tok = data.Tokenizer(converted)
+  corpus = data.load_builtin(tok, vocab_size=49152, num_samples=8, max_seq_len=96)
+  ids = write_ids_corpus(tmp_path / 'ids.jsonl', [s.tolist() for s in corpus.samples])
+  doc, top_doc, ref = measure_and_reference(converted, ids, str(tmp_path / 'out'), batch_size=4, max_shapes=1,
+                                            hf_model=torch_reference.load_hf_model(smollm2, 'bfloat16'),
+                                            dtype='bfloat16')
+  assert doc['run']['dtype'] == 'bfloat16'
+  assert assert_stats_close_bf16(doc, top_doc, ref) > 13 * 30
+  assert doc['global_max_detail']['channel'] == OUTLIER_CHANNEL and doc['global_max_detail']['position'] == 0
