@@ -15,14 +15,14 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 
 import converters
 from maxact_jax import crosscheck, data, fixtures_gguf, torch_reference
 from maxact_jax.families import load_config
 from tests.conftest import write_ids_corpus
-from tests.parity_utils import assert_crosscheck_passed, assert_same_global_max, assert_stats_close_bf16, \
-    assert_stats_match, \
+from tests.parity_utils import SCALE_FIELDS, assert_crosscheck_passed, assert_same_global_max, assert_stats_match, \
     measure_and_reference
 
 OUTLIER_CHANNEL = 507  # SmolLM2-135M's massive-activation channel (residual stream, layers 2-27)
@@ -109,17 +109,64 @@ def test_tokenizer_matches_transformers_on_the_builtin_corpus(smollm2):
   assert sum(map(len, ours)) > 1_000_000
 
 
-def test_bf16_measure_matches_the_reference_pipeline_in_bf16(converted, smollm2, tmp_path):
-  """The default dtype on trained weights: measure in bfloat16 (its products asked for a
-  float32 result and rounded once, layers.matmul) against the paper's pipeline on
-  transformers' GGUF load in bfloat16, every tap at the bf16 tolerances; the massive
-  activation found at the same place."""
+
+def _worst_differences(a: dict, b: dict) -> dict[str, float]:
+  """The largest |a - b| over every tap, per kind of statistic, relative to its scale:
+  the tap's rms for the moments, its extent for max/min/Sun's peak, the largest value
+  for the top-K. Both are reference-shaped summaries (`run_reference`)."""
+  worst: dict[str, float] = {}
+  for tap, want in b.items():
+    extent = max(abs(want['max']), abs(want['min']))
+    for field, value in want.items():
+      if field in SCALE_FIELDS:
+        kind, scale = 'moments', want['rms']
+      elif field in ('max', 'min', 'sun_peak_abs'):
+        kind, scale = 'extremes', extent
+      elif field == 'topk_abs':
+        kind, scale = 'top-K', value[0]
+      else:
+        continue
+      diff = float(np.max(np.abs(np.asarray(a[tap][field]) - np.asarray(value)))) / scale
+      worst[kind] = max(worst.get(kind, 0.0), diff)
+  return worst
+
+
+@pytest.mark.slow  # about 2 minutes more: a bf16 model load, two reference runs, one more compile
+def test_bf16_measure_is_as_close_to_float32_as_the_reference_in_bf16(converted, smollm2, hf_model, tmp_path):
+  """The default dtype on trained weights, against the paper's pipeline in bfloat16
+  (transformers' GGUF load unpacked to bf16).
+
+  Thirty layers of bf16 on a model with massive activations: two bf16 programs that
+  round at the same places but sum each product in another order drift apart by a
+  few percent of a tap's extent in the deep layers, as much as the reference's own
+  bf16 run drifts from its float32 run (measured: top-K up to 8% of the largest
+  value, extremes 5%, moments 1% of the rms, on the 8 samples below). So the check
+  is that: ours in bf16 is no further from the float32 reference than the reference
+  in bf16 is, kind by kind (with 25% to spare), and within twice that of the bf16
+  reference itself; counts exact; the massive activation in its channel, first token.
+  """
   tok = data.Tokenizer(converted)
   corpus = data.load_builtin(tok, vocab_size=49152, num_samples=8, max_seq_len=96)
-  ids = write_ids_corpus(tmp_path / 'ids.jsonl', [s.tolist() for s in corpus.samples])
-  doc, top_doc, ref = measure_and_reference(converted, ids, str(tmp_path / 'out'), batch_size=4, max_shapes=1,
-                                            hf_model=torch_reference.load_hf_model(smollm2, 'bfloat16'),
-                                            dtype='bfloat16')
+  samples = [s.tolist() for s in corpus.samples]
+  ids = write_ids_corpus(tmp_path / 'ids.jsonl', samples)
+  doc, top_doc, ref_bf16 = measure_and_reference(converted, ids, str(tmp_path / 'out'), batch_size=4, max_shapes=1,
+                                                 hf_model=torch_reference.load_hf_model(smollm2, 'bfloat16'),
+                                                 dtype='bfloat16')
   assert doc['run']['dtype'] == 'bfloat16'
-  assert assert_stats_close_bf16(doc, top_doc, ref) > 13 * 30
-  assert doc['global_max_detail']['channel'] == OUTLIER_CHANNEL and doc['global_max_detail']['position'] == 0
+  ref_f32 = torch_reference.run_reference(hf_model, samples, 4, pad_id=0)
+  ours = {tap: {**doc['per_layer_stats'][tap], **top_doc['per_layer_stats'].get(tap, {})} for tap in ref_bf16}
+  assert list(doc['per_layer_stats']) == list(ref_bf16)
+  for tap, want in ref_bf16.items():
+    for field in ('count', 'sun_n_tokens', 'abs_hist_count'):
+      if field in want:
+        assert ours[tap][field] == want[field], (tap, field)
+  theirs = _worst_differences(ref_bf16, ref_f32)
+  mine = _worst_differences(ours, ref_f32)
+  between = _worst_differences(ours, ref_bf16)
+  assert set(mine) == {'moments', 'extremes', 'top-K'}
+  for kind, drift in theirs.items():
+    assert mine[kind] <= 1.25 * drift, (kind, mine, theirs)
+    assert between[kind] <= 2 * drift, (kind, between, theirs)
+  detail = doc['global_max_detail']
+  assert doc['global_max_activation'] > 10_000
+  assert detail['channel'] == OUTLIER_CHANNEL and detail['position'] == 0
