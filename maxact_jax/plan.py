@@ -377,5 +377,5 @@ def format_plan(p: dict[str, Any], name: str = '') -> str:
   return '\n'.join(lines)
 
 
-__all__ = ['Choice', 'MATRICES', 'activation_bytes', 'choose', 'matmul_params_per_token', 'model_flops', 'device_memory', 'format_plan', 'is_expert_param',
-           'param_counts', 'plan', 'resolve_layout', 'weight_bytes']
+__all__ = ['Choice', 'MATRICES', 'activation_bytes', 'choose', 'device_memory', 'format_plan', 'is_expert_param',
+           'matmul_params_per_token', 'model_flops', 'param_counts', 'plan', 'resolve_layout', 'weight_bytes']
