@@ -184,8 +184,9 @@ def next_token_metrics(h0: Array, hv: Array, input_ids: Array, valid: Array,
     for v in range(n_var):
       lpv = log_probs_v(hv_[v])
       nll.append(-jnp.take_along_axis(lpv, t_[..., None], axis=-1)[..., 0])
-      # KL(base || variant); 0 * log 0 terms are 0 (p0 underflows to exactly 0).
-      kl.append(jnp.sum(jnp.where(p0 > 0, p0 * (lp0 - lpv), 0.0), axis=-1))
+      # KL(base || variant); 0 * log 0 terms are 0 (p0 underflows to exactly 0). KL >= 0: the
+      # float32 sum over nearly equal distributions can end at -1e-7, which is rounding.
+      kl.append(jnp.maximum(jnp.sum(jnp.where(p0 > 0, p0 * (lp0 - lpv), 0.0), axis=-1), 0.0))
       agree.append(jnp.argmax(lpv, axis=-1) == top0)
     return nll0, jnp.stack(nll), jnp.stack(kl), jnp.stack(agree)
 

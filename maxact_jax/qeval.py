@@ -304,13 +304,14 @@ class BaselineAccumulator(SiteAccumulator):
     self.add_sown(sown)
 
 
-def split_sites(merged: dict[str, dict]) -> dict[str, dict[int, dict]]:
-  """'layer_{i}_<site>' entries -> {site: {layer: partial}} (sites have a dot; taps do not)."""
-  out: dict[str, dict[int, dict]] = {}
+def split_sites(merged: dict[str, dict], key: str) -> dict[str, dict[int, np.ndarray]]:
+  """'layer_{i}_<site>' entries holding `key` -> {site: {layer: the entry's key}}
+  (sites have a dot; taps do not)."""
+  out: dict[str, dict[int, np.ndarray]] = {}
   for name, p in merged.items():
     where, suffix, layer = quant.split_tap(name)
-    if where == 'layer' and '.' in suffix:
-      out.setdefault(suffix, {})[layer] = p
+    if where == 'layer' and '.' in suffix and key in p:
+      out.setdefault(suffix, {})[layer] = p[key]
   return out
 
 
@@ -423,8 +424,7 @@ class Calibrations:
       info['rotation'] = how
     else:
       alpha = float(last[len('smooth'):])
-      input_max = {site: {layer: p['ch_max'] for layer, p in per.items()}
-                   for site, per in split_sites(self.calibration(chain[:-1])).items()}
+      input_max = split_sites(self.calibration(chain[:-1]), 'ch_max')
       params, factors = qtransforms.smooth(config, params, input_max, alpha)
       info['smoothing_factors'] = factors
     self.timings[f'transform_{"+".join(chain)}_s'] = time.perf_counter() - t0
@@ -446,8 +446,8 @@ class Calibrations:
   def histograms(self, chain: tuple[str, ...]) -> dict:
     """`quant`'s linear |x| histograms of every site under `chain`, over [0, calibrated max]."""
     if chain not in self.hist:
-      per_site = split_sites(self.calibration(chain))
-      uppers = layer_table(self.config, {s: {l: float(p['ch_max'].max()) for l, p in per.items()}
+      per_site = split_sites(self.calibration(chain), 'ch_max')
+      uppers = layer_table(self.config, {s: {l: float(m.max()) for l, m in per.items()}
                                          for s, per in per_site.items()})
       config, params, _ = self.model(chain)
       acc = SiteAccumulator(config)
@@ -460,12 +460,12 @@ class Calibrations:
 
   def thresholds(self, chain: tuple[str, ...], clip: float | None) -> dict[str, dict[int, float]]:
     """Static per-tensor thresholds of every site: the calibrated max |x|, or its clip quantile."""
-    per_site = split_sites(self.calibration(chain))
-    maxima = {s: {l: float(p['ch_max'].max()) for l, p in per.items()} for s, per in per_site.items()}
+    per_site = split_sites(self.calibration(chain), 'ch_max')
+    maxima = {s: {l: float(m.max()) for l, m in per.items()} for s, per in per_site.items()}
     if clip is None:
       return maxima
-    hists = split_sites(self.histograms(chain))
-    return {s: {l: quant.linear_hist_quantile(hists[s][l]['hist'], maxima[s][l], clip) for l in per}
+    hists = split_sites(self.histograms(chain), 'hist')
+    return {s: {l: quant.linear_hist_quantile(hists[s][l], maxima[s][l], clip) for l in per}
             for s, per in maxima.items() if s in hists}
 
 
