@@ -47,13 +47,13 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from maxact_jax import data, fixtures, intervene, measure, qeval, qschemes, qtransforms
-  from maxact_jax.config import load_config
+  from maxact_jax import data, fakequant, fixtures, measure, measure_step, next_token, qeval, qschemes, qtransforms
+  from maxact_jax.families import load_config
   from maxact_jax.models import transformer
 
   model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
   config = load_config(model_path)
-  dtype = measure.DTYPES[FLAGS.dtype]
+  dtype = measure_step.DTYPES[FLAGS.dtype]
   n_cal = FLAGS.calibration_samples
   corpus = measure.load_measure_corpus(measure.MeasureOptions(
       model_path=model_path, output_dir='runs/bench', data_path=FLAGS.data_path,
@@ -62,7 +62,7 @@ def main(argv):
   opts = qeval.QevalOptions(model_path=model_path, output_dir='runs/bench', batch_size=FLAGS.batch_size,
                             max_shapes=FLAGS.max_shapes, progress=False)
   pad = config.pad_token_id or 0
-  params = measure.load_params(model_path, config, FLAGS.dtype)
+  params = measure_step.load_params(model_path, config, FLAGS.dtype)
   runner = qeval._Runner(evals, opts, pad, 'bench')  # pylint: disable=protected-access
   batches = list(data.iter_batches(evals, runner.plan, pad))
   calibrations = qeval.Calibrations(config, dtype, params,
@@ -73,11 +73,11 @@ def main(argv):
   @jax.jit
   def plain(p, ids, valid):
     h = model.apply({'params': p}, ids, valid)
-    lp = intervene.head_log_probs(model, p)(h[:, :-1])
+    lp = next_token.head_log_probs(model, p)(h[:, :-1])
     nll = -jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
     return jnp.where(valid[:, :-1] & valid[:, 1:], nll, 0.0).sum()
 
-  backbone = measure.make_forward(config, dtype)
+  backbone = measure_step.make_forward(config, dtype)
   base_step = qeval.make_baseline_step(config, dtype)
   hidden = [base_step(params, b.input_ids, b.valid)[0] for b in batches]
 
@@ -86,8 +86,8 @@ def main(argv):
   for name in FLAGS.schemes:
     scheme = qschemes.parse_scheme(name)
     s_config, t_params, _ = calibrations.model(scheme.transforms)
-    s_params = qtransforms.map_kernels(s_config, t_params, lambda w, s=scheme: qschemes.quantize_weight(w, s.weights),
-                                       gates=scheme.router) if scheme.weights.fmt != qschemes.NONE else t_params
+    s_params = qtransforms.map_kernels(s_config, t_params, lambda w, s=scheme: fakequant.quantize_weight(w, s.weights),
+                                       gates=scheme.router) if scheme.weights.fmt != fakequant.NONE else t_params
     static = calibrations.thresholds(scheme.transforms, scheme.acts.clip) if scheme.acts.static else None
     table = qeval.layer_table(config, static) if static else {}
     step = qeval.make_scheme_step(config, s_config, dtype, scheme)

@@ -18,6 +18,7 @@ Inside a scanned segment the sown values are stacked along the repeat axis;
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -156,6 +157,17 @@ def interceptor(handler: Handler):
     return out
 
   return module_interceptor(on_call)
+
+
+_LAYER_NAME = re.compile(r'^layer_(\d+)_(.+)$')
+
+
+def split_tap(name: str) -> tuple[str, str, int | None]:
+  """A collected name: 'layer_3_hidden' -> ('layer', 'hidden', 3); 'final_layernorm' -> ('model', name, None)."""
+  m = _LAYER_NAME.match(name)
+  if m:
+    return 'layer', m.group(2), int(m.group(1))
+  return 'model', name, None
 
 
 def full_stats_for(suffix: str, in_layer: bool) -> bool:

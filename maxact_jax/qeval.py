@@ -22,7 +22,7 @@ before it); a baseline pass on the evaluation samples (the unquantized model's
 final hidden states, kept for the scheme passes, and the max |x| of every
 site); then one pass per scheme, which runs the quantized model and compares
 its next-token distributions with the baseline's on the same batches
-(`intervene.next_token_metrics`). Everything is reduced on device; the host
+(`next_token.next_token_metrics`). Everything is reduced on device; the host
 merges in float64.
 """
 
@@ -39,10 +39,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
-from maxact_jax import anatomy, capture, data, intervene, measure, qschemes, qtransforms, quant, results, stats
-from maxact_jax.config import ModelConfig, load_config, read_config_json
+import converters
+from maxact_jax import (anatomy, capture, data, fakequant, measure, measure_step, next_token, qschemes, qtransforms,
+                        results, stats)
+from maxact_jax.config import ModelConfig, read_config_json
 from maxact_jax.errors import UserError
+from maxact_jax.families import load_config
 from maxact_jax.models import deltanet, layers, moe, transformer
 
 Array = jax.Array
@@ -162,7 +166,7 @@ def calibration_op(uppers: dict[str, Array] | None = None, bins: int = HIST_BINS
       if site not in uppers:
         return x, None
       upper = uppers[site][layer]
-      idx = quant.linear_bins(a, jnp.where(upper > 0, upper, 1.0), bins)
+      idx = fakequant.linear_bins(a, jnp.where(upper > 0, upper, 1.0), bins)
       out = {'hist': stats.row_histogram(idx.reshape(1, -1), m.reshape(1, -1), bins)[0]}
     return x, out
 
@@ -176,14 +180,14 @@ def baseline_op(site, x, mask, layer):
   return x, {'max_abs': jnp.where(jnp.broadcast_to(_expand(mask, a), a.shape), a, 0.0).max()}
 
 
-def scheme_op(spec: qschemes.ActSpec, thresholds: dict[str, Array]) -> SiteOp:
+def scheme_op(spec: fakequant.ActSpec, thresholds: dict[str, Array]) -> SiteOp:
   """Fake-quantize every site per the scheme's activation spec (static thresholds [L] per site)."""
 
   def op(site, x, mask, layer):
     static = thresholds[site][layer] if spec.static and site in thresholds else None
     if spec.static and static is None:
       static = jnp.zeros((), jnp.float32)  # a site the calibration never saw: nothing survives
-    return qschemes.quantize_act(x, spec, _expand(mask, x), static)
+    return fakequant.quantize_act(x, spec, _expand(mask, x), static)
 
   return op
 
@@ -232,8 +236,8 @@ def make_scheme_step(config: ModelConfig, scheme_config: ModelConfig, dtype: Any
   def step(base_params, params, ids, valid, h0, thresholds):
     h, sown = _apply(model, params, ids, valid, site_handler(scheme_op(scheme.acts, thresholds), valid,
                                                              frozenset(kinds)))
-    metrics = intervene.next_token_metrics(h0, h[None], ids, valid, intervene.head_log_probs(base_model, base_params),
-                                           intervene.head_log_probs(model, params))
+    metrics = next_token.next_token_metrics(h0, h[None], ids, valid, next_token.head_log_probs(base_model, base_params),
+                                           next_token.head_log_probs(model, params))
     return metrics, sown
 
   return jax.jit(step)
@@ -279,10 +283,10 @@ class SiteAccumulator:
 
 
 class SchemeAccumulator:
-  """The scheme pass: next-token metrics (intervene's accumulator) and per-site statistics."""
+  """The scheme pass: next-token metrics (`next_token.EvalAccumulator`) and per-site statistics."""
 
   def __init__(self, config: ModelConfig, table: anatomy.TokenTable):
-    self.metrics = intervene.EvalAccumulator(1, table)
+    self.metrics = next_token.EvalAccumulator(1, table)
     self.sites = SiteAccumulator(config)
 
   def add(self, out: Any, batch: data.Batch) -> None:
@@ -309,7 +313,7 @@ def split_sites(merged: dict[str, dict], key: str) -> dict[str, dict[int, np.nda
   (sites have a dot; taps do not)."""
   out: dict[str, dict[int, np.ndarray]] = {}
   for name, p in merged.items():
-    where, suffix, layer = quant.split_tap(name)
+    where, suffix, layer = capture.split_tap(name)
     if where == 'layer' and '.' in suffix and key in p:
       out.setdefault(suffix, {})[layer] = p[key]
   return out
@@ -355,8 +359,8 @@ class QevalResult:
 
 
 def check_options(opts: QevalOptions) -> list[qschemes.Scheme]:
-  if opts.dtype not in measure.DTYPES:
-    raise UserError(f'--dtype={opts.dtype} is not supported (choose from {", ".join(measure.DTYPES)})')
+  if opts.dtype not in measure_step.DTYPES:
+    raise UserError(f'--dtype={opts.dtype} is not supported (choose from {", ".join(measure_step.DTYPES)})')
   for name in ('calibration_samples', 'eval_samples', 'batch_size', 'max_shapes'):
     if getattr(opts, name) < 1:
       raise UserError(f'--{name} must be a positive integer, got {getattr(opts, name)}')
@@ -388,11 +392,10 @@ class _Runner:
   def run(self, step: Callable, params: Any, acc: Any, desc: str) -> float:
     bar = None
     if self.opts.progress:
-      from tqdm import tqdm  # pylint: disable=import-outside-toplevel  (only for the terminal)
       bar = tqdm(total=self.corpus.num_tokens, unit='tok', unit_scale=True, desc=f'  {desc}', file=sys.stderr,
                  dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
-    measure.run(step, params, enumerate(data.iter_batches(self.corpus, self.plan, self.pad_id)), acc,
+    measure_step.run(step, params, enumerate(data.iter_batches(self.corpus, self.plan, self.pad_id)), acc,
                 on_merged=(lambda _, b: bar.update(b.num_tokens)) if bar else None)
     if bar:
       bar.close()
@@ -465,7 +468,7 @@ class Calibrations:
     if clip is None:
       return maxima
     hists = split_sites(self.histograms(chain), 'hist')
-    return {s: {l: quant.linear_hist_quantile(hists[s][l], maxima[s][l], clip) for l in per}
+    return {s: {l: fakequant.linear_hist_quantile(hists[s][l], maxima[s][l], clip) for l in per}
             for s, per in maxima.items() if s in hists}
 
 
@@ -477,7 +480,7 @@ def global_maximum(opts: QevalOptions, model_name: str, calib: dict) -> dict[str
     default = os.path.join(opts.output_dir, 'json', f'{model_name}_activation_stats.json')
     path = default if os.path.isfile(default) else None
   if path:
-    doc = quant.read_stats_file(path)
+    doc = results.read_stats_file(path)
     return {'global_max_activation': float(doc['global_max_activation']),
             'global_max_location': doc['global_max_location'], 'global_max_source': path}
   taps = {n: {'max': float(p['max']), 'min': float(p['min'])} for n, p in calib.items()
@@ -490,10 +493,10 @@ def site_results(scheme: qschemes.Scheme, merged: dict[str, dict], base: dict[st
                  static: dict[str, dict[int, float]] | None) -> dict[str, dict]:
   """Per site: threshold (static, or the mean of the dynamic ones), max |x| under the scheme
   and in the baseline, effective levels of the bulk (INT), clip rate."""
-  bits = qschemes.format_bits(scheme.acts.fmt)
+  bits = fakequant.format_bits(scheme.acts.fmt)
   out = {}
   for name, p in merged.items():
-    where, site, layer = quant.split_tap(name)
+    where, site, layer = capture.split_tap(name)
     if where != 'layer' or 'count' not in p:
       continue
     count = max(int(p['count']), 1)
@@ -534,7 +537,7 @@ def expert_tokens(calib: dict) -> dict[str, list[int]]:
   """Tokens each expert received on the calibration samples, per MoE layer."""
   out = {}
   for name, p in calib.items():
-    where, site, layer = quant.split_tap(name)
+    where, site, layer = capture.split_tap(name)
     if where == 'layer' and site.endswith('.tokens'):
       out[f'layer_{layer}_{site[:-len(".tokens")]}'] = [int(v) for v in p['tokens']]
   return out
@@ -548,8 +551,7 @@ def qeval(opts: QevalOptions) -> QevalResult:
   timings: dict[str, float] = {}
   t0 = time.perf_counter()
   config = load_config(opts.model_path)
-  import converters  # pylint: disable=import-outside-toplevel  (as measure: the converters import the families)
-  converters.check_checkpoint(opts.model_path, config, measure.DTYPES[opts.dtype])
+  converters.check_checkpoint(opts.model_path, config, measure_step.DTYPES[opts.dtype])
   for s in schemes:
     if s.rotate is not None and config.sandwich_norms:
       raise UserError(f'scheme {s.name!r}: {config.model_type} has sandwich norms (a norm between each block and '
@@ -564,9 +566,9 @@ def qeval(opts: QevalOptions) -> QevalResult:
     raise UserError('every evaluation sample has fewer than 2 tokens: there is no next token to predict')
   timings['data_s'] = time.perf_counter() - t0
   t0 = time.perf_counter()
-  params = measure.load_params(opts.model_path, config, opts.dtype)
+  params = measure_step.load_params(opts.model_path, config, opts.dtype)
   timings['load_s'] = time.perf_counter() - t0
-  dtype = measure.DTYPES[opts.dtype]
+  dtype = measure_step.DTYPES[opts.dtype]
   pad_id = config.pad_token_id or 0
   calib_runner = _Runner(calib_corpus, opts, pad_id, model_name)
   eval_runner = _Runner(eval_corpus, opts, pad_id, model_name)
@@ -596,8 +598,8 @@ def qeval(opts: QevalOptions) -> QevalResult:
     if scheme.acts.static:
       static = calibrations.thresholds(chain, scheme.acts.clip)
     t0 = time.perf_counter()
-    s_params = qtransforms.map_kernels(s_config, t_params, lambda w: qschemes.quantize_weight(w, scheme.weights),
-                                       gates=scheme.router) if scheme.weights.fmt != qschemes.NONE else t_params
+    s_params = qtransforms.map_kernels(s_config, t_params, lambda w: fakequant.quantize_weight(w, scheme.weights),
+                                       gates=scheme.router) if scheme.weights.fmt != fakequant.NONE else t_params
     timings[f'weights_{scheme.name}_s'] = time.perf_counter() - t0
     thresholds = layer_table(config, static) if static is not None else {}
     step = make_scheme_step(config, s_config, dtype, scheme)
@@ -610,8 +612,8 @@ def qeval(opts: QevalOptions) -> QevalResult:
     elapsed = eval_runner.run(run_step, params, acc, f'{model_name} {scheme.name}')
     timings[f'scheme_{scheme.name}_s'] = elapsed
     if baseline is None:
-      baseline = intervene.base_summary(acc.metrics)
-    entry = intervene.variant_summary(acc.metrics, 0, baseline, describe_corpus)
+      baseline = next_token.base_summary(acc.metrics)
+    entry = next_token.variant_summary(acc.metrics, 0, baseline, describe_corpus)
     entry['kl_p99'] = acc.metrics.kl_quantile(0, 0.99)
     sites = site_results(scheme, acc.sites.sites, base_sites, static)
     out_schemes[scheme.name] = {

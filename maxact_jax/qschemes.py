@@ -1,4 +1,4 @@
-"""Quantization schemes of `qeval`: the grammar, and fake quantization of activations and weights.
+"""Quantization schemes of `qeval`: the grammar of a scheme's name and what it means.
 
 A scheme is written `BASE[+MOD]...` (README, "Quantization impact"):
 
@@ -16,9 +16,9 @@ A scheme is written `BASE[+MOD]...` (README, "Quantization impact"):
 - extra sites: `router` (the MoE router and shared-expert gate), `attn` (the
   attention products' operands q, k, v).
 
-The number formats are `quant`'s (`quant.Format`: scale = threshold /
+The number formats and scales are `fakequant`'s (scale = threshold /
 (2^(bits-1) - 1) for INT, threshold / 448 for FP8 e4m3 with a saturating cast,
-round half to even); `16` is a cast to bfloat16 and back.
+round half to even); `16` is a round trip through bfloat16.
 """
 
 from __future__ import annotations
@@ -26,20 +26,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from maxact_jax import quant
+from maxact_jax import fakequant
 from maxact_jax.errors import UserError
-
-Array = jax.Array
+from maxact_jax.fakequant import ACT_SCALES, BF16, NONE, ActSpec, WeightSpec
 
 INT_BITS = (2, 8)  # the INT<bits> formats a scheme may ask for
-BF16 = 'bf16'
-NONE = 'none'
-ACT_SCALES = ('token', 'tensor', 'static')
-WEIGHT_SCALES = ('channel', 'tensor', 'group')
 
 # Named presets, as what deployers run: each is a name for its expansion.
 PRESETS: dict[str, str] = {
@@ -57,28 +48,6 @@ DEFAULT_SCHEMES = ('none', 'w8a8', 'w8a8-static', 'w8a8-static+clip0.999', 'a8-n
 
 _BASE_RE = re.compile(r'^(?:w(\d+|fp8))?(?:a(\d+|fp8))?$')
 _NUMBER = r'(\d+(?:\.\d*)?|\.\d+)'
-
-
-@dataclasses.dataclass(frozen=True)
-class ActSpec:
-  """How the input of a linear layer is fake-quantized."""
-
-  fmt: str  # 'int<b>', 'fp8_e4m3', 'bf16' or 'none'
-  scale: str = 'token'  # ACT_SCALES
-  clip: float | None = None  # static only: the calibrated |x| quantile (None: max |x|)
-
-  @property
-  def static(self) -> bool:
-    return self.scale == 'static'
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightSpec:
-  """How the weight of a linear layer is fake-quantized (round to nearest)."""
-
-  fmt: str
-  scale: str = 'channel'  # WEIGHT_SCALES
-  group: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +79,7 @@ class Scheme:
                     'group': w.group},
         'activations': {'format': a.fmt, 'scale': a.scale if a.fmt not in (NONE, BF16) else None,
                         'threshold': (None if not a.static else
-                                      'max_abs' if a.clip is None else quant.policy_name('clip', a.clip))},
+                                      'max_abs' if a.clip is None else fakequant.policy_name('clip', a.clip))},
         'rotate_seed': self.rotate,
         'smooth_alpha': self.smooth,
         'router': self.router,
@@ -120,7 +89,7 @@ class Scheme:
 
 def _fmt_of(token: str, side: str, scheme: str) -> str:
   if token == 'fp8':
-    return quant.FP8_E4M3.name
+    return fakequant.FP8_E4M3.name
   bits = int(token)
   if bits == 16:
     return BF16
@@ -213,106 +182,3 @@ def parse_schemes(names: list[str]) -> list[Scheme]:
   return schemes
 
 
-# ---------------------------------------------------------------------------
-# Fake quantization.
-
-
-def format_of(fmt: str) -> quant.Format | None:
-  """The `quant.Format` behind a format name (None for bf16 and none)."""
-  if fmt == quant.FP8_E4M3.name:
-    return quant.FP8_E4M3
-  if fmt.startswith('int'):
-    return quant.int_format(int(fmt[3:]))
-  return None
-
-
-def format_bits(fmt: str) -> int | None:
-  """INT<bits> -> bits; None for the float formats."""
-  return int(fmt[3:]) if fmt.startswith('int') else None
-
-
-def cast_bf16(x: Array) -> Array:
-  """The 16-bit "format": round to bfloat16 and back (exact in a bfloat16 run)."""
-  return x.astype(jnp.bfloat16).astype(x.dtype)
-
-
-def fake_quant(x32: Array, fmt: quant.Format, threshold: Array) -> Array:
-  """Symmetric fake quantization of float32 x with a threshold broadcastable to it."""
-  return fmt.quantize(x32, threshold, threshold / fmt.qmax)
-
-
-def act_threshold(a: Array, mask: Array, spec: ActSpec, static: Array | None) -> Array:
-  """The threshold each element of |x| (float32 [..., F]) is scaled with: per token
-  ([..., 1], max over the last axis), per tensor (the max over the masked rows), or
-  the static one. `mask` [..., 1] marks the real rows (padding does not count)."""
-  if spec.scale == 'token':
-    return a.max(axis=-1, keepdims=True)
-  if spec.scale == 'tensor':
-    return jnp.where(mask, a, 0.0).max()
-  return static
-
-
-def quantize_act(x: Array, spec: ActSpec, mask: Array, static: Array | None = None) -> tuple[Array, dict]:
-  """Fake-quantize a linear layer's input x [..., F]; mask [...] or [..., 1] marks the real rows.
-
-  Returns (x dequantized, in x's dtype; partial statistics over the masked rows:
-  `count` elements, `max_abs`, `sum_ratio` = sum |x| / threshold (the levels the
-  bulk keeps), `clipped` (|x| > threshold), `sum_threshold` and `groups` (the
-  mean threshold of the scales used)).
-  """
-  x32 = x.astype(jnp.float32)
-  a = jnp.abs(x32)
-  m = jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)), x.shape[:-1] + (1,))
-  full = jnp.broadcast_to(m, x.shape)
-  out = {'count': full.sum(dtype=jnp.int32), 'max_abs': jnp.where(full, a, 0.0).max()}
-  fmt = format_of(spec.fmt)
-  if fmt is None:
-    return (cast_bf16(x) if spec.fmt == BF16 else x), out
-  t = act_threshold(a, m, spec, static)
-  q = fake_quant(x32, fmt, t).astype(x.dtype)
-  t_full = jnp.broadcast_to(t, x.shape)
-  ratio = jnp.where(full & (t_full > 0), a / jnp.where(t_full > 0, t_full, 1.0), 0.0)
-  out.update(sum_ratio=ratio.sum(), clipped=(full & (a > t_full)).sum(dtype=jnp.int32))
-  if spec.scale == 'token':
-    out.update(sum_threshold=jnp.where(m, t, 0.0).sum(), groups=m.sum(dtype=jnp.int32))
-  else:
-    out.update(sum_threshold=jnp.asarray(t, jnp.float32), groups=jnp.ones((), jnp.int32))
-  return q, out
-
-
-def weight_threshold(a: Array, spec: WeightSpec) -> Array:
-  """Thresholds of |W| [..., in, out]: per output channel [..., 1, out], per tensor [..., 1, 1],
-  or per group of `spec.group` input channels [..., in, out] (each element gets its group's)."""
-  if spec.scale == 'channel':
-    return a.max(axis=-2, keepdims=True)
-  if spec.scale == 'tensor':
-    return a.max(axis=(-2, -1), keepdims=True)
-  g = spec.group
-  n_in = a.shape[-2]
-  pad = -n_in % g  # a last, shorter group: zeros never raise a max
-  ap = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, pad), (0, 0)])
-  t = ap.reshape(a.shape[:-2] + ((n_in + pad) // g, g, a.shape[-1])).max(axis=-2, keepdims=True)
-  t = jnp.broadcast_to(t, a.shape[:-2] + ((n_in + pad) // g, g, a.shape[-1]))
-  return t.reshape(a.shape[:-2] + (n_in + pad, a.shape[-1]))[..., :n_in, :]
-
-
-def quantize_weight(w: Array, spec: WeightSpec) -> Array:
-  """Fake-quantize a kernel [..., in, out] (round to nearest), in its own dtype."""
-  fmt = format_of(spec.fmt)
-  if fmt is None:
-    return cast_bf16(w) if spec.fmt == BF16 else w
-  w32 = w.astype(jnp.float32)
-  return fake_quant(w32, fmt, weight_threshold(jnp.abs(w32), spec)).astype(w.dtype)
-
-
-def on_grid(values: np.ndarray, scale: np.ndarray, fmt: str, tol: float = 1e-4) -> bool:
-  """Whether dequantized values lie on a format's grid: value / scale an integer code in
-  [-qmax, qmax] (INT), or a finite e4m3 number (FP8)."""
-  f = format_of(fmt)
-  codes = np.asarray(values, np.float64) / np.where(scale > 0, scale, 1.0)
-  if f.kind == 'int':
-    return bool(np.all(np.abs(codes - np.round(codes)) <= tol) and np.all(np.abs(codes) <= f.qmax + tol))
-  import ml_dtypes  # pylint: disable=import-outside-toplevel  (a jax dependency; only this check needs it)
-  c32 = codes.astype(np.float32)
-  back = c32.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
-  return bool(np.all(np.abs(back - c32) <= tol * np.maximum(1.0, np.abs(c32))) and np.all(np.abs(c32) <= f.qmax * (1 + tol)))

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maxact_jax import capture, cli, fixtures, fixtures_moe, measure, qeval, qschemes, qtransforms
-from maxact_jax.config import load_config, parse_config
+from maxact_jax import capture, cli, fakequant, fixtures, fixtures_moe, measure_step, qeval, qschemes, qtransforms
+from maxact_jax.families import load_config, parse_config
 from maxact_jax.errors import UserError
 from maxact_jax.models import moe, transformer
 from tests.conftest import write_ids_corpus
@@ -39,19 +39,19 @@ N_CALIB, N_EVAL = 8, 24
 def test_presets_expand_to_their_definitions():
   s = qschemes.parse_scheme
   w8a8 = s('w8a8')
-  assert (w8a8.weights, w8a8.acts) == (qschemes.WeightSpec('int8', 'channel'), qschemes.ActSpec('int8', 'token'))
-  assert s('w8a8-static').acts == qschemes.ActSpec('int8', 'static', None)
-  assert s('w8a8-static+clip0.999').acts == qschemes.ActSpec('int8', 'static', 0.999)  # the user's modifier wins
-  assert s('fp8-dynamic').weights == qschemes.WeightSpec('fp8_e4m3', 'channel')
-  assert s('fp8-dynamic').acts == qschemes.ActSpec('fp8_e4m3', 'token')
-  assert s('fp8-static').weights == qschemes.WeightSpec('fp8_e4m3', 'tensor')
-  assert s('fp8-static').acts == qschemes.ActSpec('fp8_e4m3', 'static')
+  assert (w8a8.weights, w8a8.acts) == (fakequant.WeightSpec('int8', 'channel'), fakequant.ActSpec('int8', 'token'))
+  assert s('w8a8-static').acts == fakequant.ActSpec('int8', 'static', None)
+  assert s('w8a8-static+clip0.999').acts == fakequant.ActSpec('int8', 'static', 0.999)  # the user's modifier wins
+  assert s('fp8-dynamic').weights == fakequant.WeightSpec('fp8_e4m3', 'channel')
+  assert s('fp8-dynamic').acts == fakequant.ActSpec('fp8_e4m3', 'token')
+  assert s('fp8-static').weights == fakequant.WeightSpec('fp8_e4m3', 'tensor')
+  assert s('fp8-static').acts == fakequant.ActSpec('fp8_e4m3', 'static')
   a8 = s('a8-naive')
-  assert (a8.weights.fmt, a8.acts) == ('none', qschemes.ActSpec('int8', 'tensor'))
+  assert (a8.weights.fmt, a8.acts) == ('none', fakequant.ActSpec('int8', 'tensor'))
   w4a16 = s('w4a16')
-  assert (w4a16.weights, w4a16.acts.fmt) == (qschemes.WeightSpec('int4', 'group', 128), 'bf16')
-  assert s('w4a16+wchannel').weights == qschemes.WeightSpec('int4', 'channel', None)
-  assert (s('w4a4').weights.fmt, s('w4a4').acts) == ('int4', qschemes.ActSpec('int4', 'token'))
+  assert (w4a16.weights, w4a16.acts.fmt) == (fakequant.WeightSpec('int4', 'group', 128), 'bf16')
+  assert s('w4a16+wchannel').weights == fakequant.WeightSpec('int4', 'channel', None)
+  assert (s('w4a4').weights.fmt, s('w4a4').acts) == ('int4', fakequant.ActSpec('int4', 'token'))
   r = s('w4a4+rotate')
   assert r.rotate == 0 and r.smooth is None and r.transforms == ('rotate0',)
   sm = s('w8a8-static+smooth0.5')
@@ -99,7 +99,7 @@ def test_duplicate_and_empty_scheme_lists():
 def quant_act(x, spec, mask=None, static=None):
   x = jnp.asarray(x, jnp.float32)
   mask = jnp.ones(x.shape[:-1], bool) if mask is None else jnp.asarray(mask)
-  q, s = qschemes.quantize_act(x, spec, mask, None if static is None else jnp.float32(static))
+  q, s = fakequant.quantize_act(x, spec, mask, None if static is None else jnp.float32(static))
   return np.asarray(q), jax.tree_util.tree_map(np.asarray, s)
 
 
@@ -108,7 +108,7 @@ def test_activation_scales_by_hand():
                 [2.54, 0.011, -0.02, 1.0],  # t = 2.54: step 0.02
                 [100.0, 7.0, 7.0, 7.0]], np.float32)  # a padding row: never counts
   mask = np.array([True, True, False])
-  q, s = quant_act(x, qschemes.ActSpec('int8', 'token'), mask)
+  q, s = quant_act(x, fakequant.ActSpec('int8', 'token'), mask)
   np.testing.assert_allclose(q[:2], [[0.5, -1.27, 0.0, 0.3], [2.54, 0.02, -0.02, 1.0]], atol=1e-6)
   assert s['count'] == 8 and s['clipped'] == 0 and s['max_abs'] == pytest.approx(2.54)
   # levels: 2^8 x mean |x| / t over the real elements; mean threshold over the real tokens.
@@ -116,24 +116,24 @@ def test_activation_scales_by_hand():
   assert s['sum_ratio'] == pytest.approx(ratio, rel=1e-6)
   assert s['sum_threshold'] / s['groups'] == pytest.approx((1.27 + 2.54) / 2)
   # Per-tensor dynamic: one threshold for the batch, the padding row's 100 not included.
-  q, s = quant_act(x, qschemes.ActSpec('int8', 'tensor'), mask)
+  q, s = quant_act(x, fakequant.ActSpec('int8', 'tensor'), mask)
   np.testing.assert_allclose(q[0], [0.5, -1.28, 0.0, 0.3], atol=1e-6)  # step 0.02 now
   assert s['sum_threshold'] == pytest.approx(2.54) and s['groups'] == 1
   # Static: the calibrated threshold clips; 1.27 / 127 = 0.01.
-  q, s = quant_act(x, qschemes.ActSpec('int8', 'static'), mask, static=1.27)
+  q, s = quant_act(x, fakequant.ActSpec('int8', 'static'), mask, static=1.27)
   np.testing.assert_allclose(q[1], [1.27, 0.01, -0.02, 1.0], atol=1e-6)
   assert s['clipped'] == 1  # 2.54 > 1.27
   # INT4: codes -7..7, t = 7 per token: round half to even.
-  q, _ = quant_act(np.array([[2.5, 3.5, -7.0, 0.49]]), qschemes.ActSpec('int4', 'token'))
+  q, _ = quant_act(np.array([[2.5, 3.5, -7.0, 0.49]]), fakequant.ActSpec('int4', 'token'))
   np.testing.assert_array_equal(q, [[2.0, 4.0, -7.0, 0.0]])
   # FP8 e4m3 per token: t = 448 -> scale 1, round to the e4m3 grid (17 -> 16, a tie to even).
-  q, _ = quant_act(np.array([[448.0, 17.0, 0.3, -1e-3]]), qschemes.ActSpec('fp8_e4m3', 'token'))
+  q, _ = quant_act(np.array([[448.0, 17.0, 0.3, -1e-3]]), fakequant.ActSpec('fp8_e4m3', 'token'))
   np.testing.assert_array_equal(q, [[448.0, 16.0, 0.3125, -2.0 ** -9]])
   # 16-bit: a round trip through bfloat16.
-  q, _ = quant_act(np.array([[1.0 + 2 ** -9, 3.0]]), qschemes.ActSpec('bf16'))
+  q, _ = quant_act(np.array([[1.0 + 2 ** -9, 3.0]]), fakequant.ActSpec('bf16'))
   np.testing.assert_array_equal(q, [[1.0, 3.0]])
   # A token of zeros: threshold 0, everything 0, no division by zero.
-  q, s = quant_act(np.zeros((1, 4)), qschemes.ActSpec('int8', 'token'))
+  q, s = quant_act(np.zeros((1, 4)), fakequant.ActSpec('int8', 'token'))
   assert not q.any() and s['sum_ratio'] == 0
 
 
@@ -142,20 +142,20 @@ def test_weight_scales_by_hand():
                 [-1.27, 1.0],
                 [0.004, 2.0],
                 [0.3, 0.03]], np.float32)  # [in 4, out 2]
-  q = lambda spec: np.asarray(qschemes.quantize_weight(jnp.asarray(w), spec))
+  q = lambda spec: np.asarray(fakequant.quantize_weight(jnp.asarray(w), spec))
   # Per output channel (column here, HF's row): t = 1.27 and 4.0.
-  np.testing.assert_allclose(q(qschemes.WeightSpec('int8', 'channel'))[:, 0], [0.5, -1.27, 0.0, 0.3], atol=1e-6)
-  np.testing.assert_allclose(q(qschemes.WeightSpec('int8', 'channel'))[:, 1],
+  np.testing.assert_allclose(q(fakequant.WeightSpec('int8', 'channel'))[:, 0], [0.5, -1.27, 0.0, 0.3], atol=1e-6)
+  np.testing.assert_allclose(q(fakequant.WeightSpec('int8', 'channel'))[:, 1],
                              np.round(w[:, 1] / (4 / 127)) * (4 / 127), atol=1e-6)
   # Per tensor: t = 4 for both columns.
-  np.testing.assert_allclose(q(qschemes.WeightSpec('int8', 'tensor')), np.round(w / (4 / 127)) * (4 / 127), atol=1e-6)
+  np.testing.assert_allclose(q(fakequant.WeightSpec('int8', 'tensor')), np.round(w / (4 / 127)) * (4 / 127), atol=1e-6)
   # Groups of 3 input channels: rows 0-2 and a last group of row 3 alone (exact: its own max).
-  g = q(qschemes.WeightSpec('int4', 'group', 3))
+  g = q(fakequant.WeightSpec('int4', 'group', 3))
   np.testing.assert_allclose(g[:3, 0], np.round(w[:3, 0] / (1.27 / 7)) * (1.27 / 7), atol=1e-6)
   np.testing.assert_allclose(g[3], w[3], atol=1e-7)
   # A stacked kernel [layers, experts, in, out] is quantized per matrix.
   stacked = jnp.asarray(np.stack([w, 2 * w])[None])
-  out = np.asarray(qschemes.quantize_weight(stacked, qschemes.WeightSpec('int8', 'tensor')))
+  out = np.asarray(fakequant.quantize_weight(stacked, fakequant.WeightSpec('int8', 'tensor')))
   np.testing.assert_allclose(out[0, 1], 2 * out[0, 0], rtol=1e-6)
 
 
@@ -165,25 +165,25 @@ def test_quantized_activations_lie_on_the_grid(fmt, scale):
   rng = np.random.RandomState(0)
   x = (rng.standard_normal((3, 5, 32)) * np.exp(rng.uniform(-3, 3, (3, 5, 1)))).astype(np.float32)
   mask = rng.rand(3, 5) > 0.2
-  spec = qschemes.ActSpec(fmt, scale)
+  spec = fakequant.ActSpec(fmt, scale)
   static = 0.7 * float(np.abs(x).max())
   q, _ = quant_act(x, spec, mask, static if scale == 'static' else None)
-  qmax = qschemes.format_of(fmt).qmax
+  qmax = fakequant.format_of(fmt).qmax
   t = {'token': np.abs(x).max(-1, keepdims=True), 'tensor': np.abs(x)[mask].max(),
        'static': np.float32(static)}[scale]
   scale_ = np.broadcast_to(np.float32(t) / np.float32(qmax), x.shape)
-  assert qschemes.on_grid(q[mask], scale_[mask], fmt)
-  assert not qschemes.on_grid(x[mask], scale_[mask], fmt)  # the check can fail
+  assert fakequant.on_grid(q[mask], scale_[mask], fmt)
+  assert not fakequant.on_grid(x[mask], scale_[mask], fmt)  # the check can fail
 
 
-@pytest.mark.parametrize('spec', [qschemes.WeightSpec('int8', 'channel'), qschemes.WeightSpec('int4', 'tensor'),
-                                  qschemes.WeightSpec('int4', 'group', 5), qschemes.WeightSpec('fp8_e4m3', 'channel')])
+@pytest.mark.parametrize('spec', [fakequant.WeightSpec('int8', 'channel'), fakequant.WeightSpec('int4', 'tensor'),
+                                  fakequant.WeightSpec('int4', 'group', 5), fakequant.WeightSpec('fp8_e4m3', 'channel')])
 def test_quantized_weights_lie_on_the_grid(spec):
   w = np.random.RandomState(1).standard_normal((2, 13, 7)).astype(np.float32)
-  q = np.asarray(qschemes.quantize_weight(jnp.asarray(w), spec))
-  t = np.asarray(qschemes.weight_threshold(jnp.abs(jnp.asarray(w)), spec))
-  scale = np.broadcast_to(t / np.float32(qschemes.format_of(spec.fmt).qmax), w.shape)
-  assert qschemes.on_grid(q, scale, spec.fmt)
+  q = np.asarray(fakequant.quantize_weight(jnp.asarray(w), spec))
+  t = np.asarray(fakequant.weight_threshold(jnp.abs(jnp.asarray(w)), spec))
+  scale = np.broadcast_to(t / np.float32(fakequant.format_of(spec.fmt).qmax), w.shape)
+  assert fakequant.on_grid(q, scale, spec.fmt)
 
 
 # ---------------------------------------------------------------------------
@@ -440,9 +440,9 @@ def test_metrics_against_numpy_on_one_batch(planted, tmp_path):
                                      dtype='float32', max_seq_len=None, progress=False))
   doc = r.doc
   config = load_config(ckpt)
-  params = measure.load_params(ckpt, config, 'float32')
+  params = measure_step.load_params(ckpt, config, 'float32')
   scheme = qschemes.parse_scheme('w4a4')
-  q_params = qtransforms.map_kernels(config, params, lambda w: qschemes.quantize_weight(w, scheme.weights), False)
+  q_params = qtransforms.map_kernels(config, params, lambda w: fakequant.quantize_weight(w, scheme.weights), False)
   batch = samples[5:9]
   t = max(len(s) for s in batch)
   ids = np.zeros((4, t), np.int32)
@@ -487,7 +487,7 @@ def test_quantized_linear_inputs_lie_on_the_grid_inside_the_model(planted):
   """The values every linear layer reads under w4a4 / fp8 per token are codes times the token's scale."""
   ckpt, _, samples = planted
   config = load_config(ckpt)
-  params = measure.load_params(ckpt, config, 'float32')
+  params = measure_step.load_params(ckpt, config, 'float32')
   ids = np.zeros((2, 30), np.int32)
   valid = np.zeros((2, 30), bool)
   for i, s in enumerate(samples[:2]):
@@ -495,11 +495,11 @@ def test_quantized_linear_inputs_lie_on_the_grid_inside_the_model(planted):
     ids[i, :n], valid[i, :n] = s[:n], True
   model = transformer.build(config, jnp.float32)
   for fmt in ('int4', 'fp8_e4m3'):
-    spec = qschemes.ActSpec(fmt, 'token')
+    spec = fakequant.ActSpec(fmt, 'token')
 
     def op(site, x, mask, layer, spec=spec):
       del site, layer
-      xq, _ = qschemes.quantize_act(x, spec, mask)
+      xq, _ = fakequant.quantize_act(x, spec, mask)
       return xq, {'x': x, 'xq': xq}
 
     with nn.intercept_methods(capture.module_interceptor(
@@ -507,11 +507,11 @@ def test_quantized_linear_inputs_lie_on_the_grid_inside_the_model(planted):
       _, sown = model.apply({'params': params}, ids, valid, mutable=[capture.COLLECTION])
     taps = capture.collect(config, jax.device_get(sown[capture.COLLECTION]))
     assert len(taps) == 12
-    qmax = qschemes.format_of(fmt).qmax
+    qmax = fakequant.format_of(fmt).qmax
     for name, v in taps.items():
       x, xq = np.asarray(v['x'])[valid], np.asarray(v['xq'])[valid]
       scale = np.abs(x).max(-1, keepdims=True) / np.float32(qmax)
-      assert qschemes.on_grid(xq, np.broadcast_to(scale, xq.shape), fmt), (fmt, name)
+      assert fakequant.on_grid(xq, np.broadcast_to(scale, xq.shape), fmt), (fmt, name)
       assert not np.array_equal(xq, x)
 
 
