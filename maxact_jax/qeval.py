@@ -51,7 +51,6 @@ from maxact_jax.models import deltanet, layers, moe, transformer
 
 Array = jax.Array
 
-QEVAL_SUFFIX = '_qeval.json'
 HIST_BINS = 2048  # `quant`'s linear histogram for the clip quantile
 LINEAR_OUTPUTS = ('o_proj', 'down_proj', 'out_proj')  # Dense layers whose own input is a site
 ATTENTION_OPERANDS = ('q', 'k', 'v')
@@ -652,7 +651,7 @@ def qeval(opts: QevalOptions) -> QevalResult:
       'run': {'devices': [str(d) for d in jax.devices()], 'jax_version': jax.__version__,
               **{k: round(v, 3) for k, v in {**timings, **calibrations.timings}.items()}},
   }
-  path = os.path.join(results.ensure_output_dir(opts.output_dir), f'{model_name}{QEVAL_SUFFIX}')
+  path = os.path.join(results.ensure_output_dir(opts.output_dir), f'{model_name}{results.QEVAL_SUFFIX}')
   results.atomic_write_json(path, doc)
   return QevalResult(doc, path)
 

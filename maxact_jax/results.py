@@ -25,6 +25,8 @@ from maxact_jax.errors import UserError
 
 
 atomic_write_json = atomic.write_json
+# `qeval`'s result document, read by the report.
+QEVAL_SUFFIX = '_qeval.json'
 
 
 def ensure_output_dir(output_dir: str) -> str:

@@ -572,3 +572,59 @@ def test_bad_input_one_error_line(planted, tmp_path, capsys):
   with pytest.raises(UserError, match='sandwich norms'):
     qeval.qeval(qeval.QevalOptions(model_path=fixtures.tiny_checkpoint('gemma2', str(tmp_path / 'g2')),
                                    output_dir=str(tmp_path / 'g'), schemes=['w4a4+rotate'], progress=False))
+
+
+# ---------------------------------------------------------------------------
+# The report's section.
+
+
+def test_rank_correlation_by_hand():
+  from maxact_jax import report
+  assert report.rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+  assert report.rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+  # Ties share their mean rank: x ranks (0, 1.5, 1.5, 3), y ranks (0, 1, 2, 3).
+  rx, ry = np.array([0, 1.5, 1.5, 3]), np.arange(4.0)
+  assert report.rank_correlation([1, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(np.corrcoef(rx, ry)[0, 1])
+  assert report.rank_correlation([1, 2], [1, 2]) is None  # too few
+  assert report.rank_correlation([1, 2, 3], [7, 7, 7]) is None  # constant
+
+
+def test_report_quantization_section(planted_run, tmp_path):
+  """Measured models take their global max from the measure result, others from qeval's calibration;
+  the section's table, correlation and plot are written."""
+  import shutil
+  from maxact_jax import report, report_render
+  from tests.conftest import REFERENCE_RESULTS
+  root = tmp_path / 'results'
+  root.mkdir()
+  for name in ('Qwen3-8B', 'gemma-2b'):
+    shutil.copy(os.path.join(REFERENCE_RESULTS, f'{name}_activation_stats.json'), root)
+  base = dict(planted_run)
+  kls = {'Qwen3-8B': 0.5, 'gemma-2b': 0.05, 'planted-tiny': None}
+  for name, kl in kls.items():
+    doc = json.loads(json.dumps(base))
+    doc['model_name'] = name
+    if kl is not None:
+      doc['schemes']['w8a8-static']['kl_mean'] = kl
+    with open(root / f'{name}_qeval.json', 'w') as f:
+      json.dump(doc, f)
+  summary = report.build_summary(root)
+  q = summary['quantization']
+  assert q['schemes'] == ['w8a8', 'w8a8-static', 'none+rotate', 'w16a16']
+  by_name = {m['model_name']: m for m in q['models']}
+  measured = {m['model_name']: m['global_max_abs'] for m in summary['models']}
+  assert by_name['Qwen3-8B']['global_max_abs'] == measured['Qwen3-8B'] and by_name['Qwen3-8B']['global_max_source'] == 'measure'
+  assert by_name['planted-tiny']['global_max_source'] == 'qeval calibration'
+  assert by_name['planted-tiny']['global_max_abs'] == pytest.approx(abs(planted_run['global_max_activation']))
+  row = by_name['gemma-2b']['schemes']['w8a8-static']
+  assert row['kl_mean'] == 0.05 and row['delta_loss'] == planted_run['schemes']['w8a8-static']['delta_loss']
+  assert row['min_levels_site'] == 'layer_1_mlp.down_proj'
+  xs = [by_name[n]['global_max_abs'] for n in ('Qwen3-8B', 'gemma-2b', 'planted-tiny')]
+  ys = [by_name[n]['schemes']['w8a8-static']['kl_mean'] for n in ('Qwen3-8B', 'gemma-2b', 'planted-tiny')]
+  assert q['correlation']['w8a8-static'] == {'models': 3,
+                                             'spearman_kl_vs_global_max': report.rank_correlation(xs, ys)}
+  written = report_render.write_report(summary, tmp_path / 'report')
+  assert report_render.PLOT_QUANT in written
+  md = (tmp_path / 'report' / 'report.md').read_text()
+  assert '## Quantization impact' in md and '| gemma-2b |' in md and 'Spearman' in md
+  assert md.count('quantization_impact.png') == 1
