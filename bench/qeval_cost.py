@@ -85,12 +85,12 @@ def main(argv):
             'backbone': lambda: [backbone(params, b.input_ids, b.valid) for b in batches]}
   for name in FLAGS.schemes:
     scheme = qschemes.parse_scheme(name)
-    s_config, t_params, _ = calibrations.model(scheme.transforms)
+    s_config, t_params, info = calibrations.model(scheme.transforms)
     s_params = qtransforms.map_kernels(s_config, t_params, lambda w, s=scheme: fakequant.quantize_weight(w, s.weights),
                                        gates=scheme.router) if scheme.weights.fmt != fakequant.NONE else t_params
     static = calibrations.thresholds(scheme.transforms, scheme.acts.clip) if scheme.acts.static else None
     table = qeval.layer_table(config, static) if static else {}
-    step = qeval.make_scheme_step(config, s_config, dtype, scheme)
+    step = qeval.make_scheme_step(config, s_config, dtype, scheme, info.get('online'))
     passes[name] = (lambda step=step, s_params=s_params, table=table:
                     [step(params, s_params, b.input_ids, b.valid, h, table) for b, h in zip(batches, hidden)])
 

@@ -191,6 +191,20 @@ def scheme_op(spec: fakequant.ActSpec, thresholds: dict[str, Array]) -> SiteOp:
   return op
 
 
+def with_online(op: SiteOp, online: dict[int, qtransforms.Rotation]) -> SiteOp:
+  """`op` after the online rotation of the down projections' input (`qtransforms.rotate_down`),
+  where the scheme has one: the MLPs' and experts' down_proj sites, by their width."""
+  if not online:
+    return op
+
+  def rotated(site, x, mask, layer):
+    if site.startswith('mlp.') and site.endswith('down_proj') and x.shape[-1] in online:
+      x = online[x.shape[-1]].apply(x)
+    return op(site, x, mask, layer)
+
+  return rotated
+
+
 # ---------------------------------------------------------------------------
 # Steps.
 
@@ -204,14 +218,16 @@ def _apply(model, params, ids, valid, handler):
 ALL_KINDS = frozenset({'linear', 'experts', 'gate', 'attn'})
 
 
-def make_calibration_step(config: ModelConfig, dtype: Any, hist: bool) -> Callable:
+def make_calibration_step(config: ModelConfig, dtype: Any, hist: bool,
+                          online: dict[int, qtransforms.Rotation] | None = None) -> Callable:
   """jit(params, ids, valid, uppers) -> sown per-site calibration partials (and, without
-  `hist`, the activation taps' extremes and the experts' token counts)."""
+  `hist`, the activation taps' extremes and the experts' token counts); `online`: the
+  model's online rotations (`with_online`)."""
   model = transformer.build(config, dtype)
 
   def step(params, ids, valid, uppers):
-    handler = site_handler(calibration_op(uppers if hist else None), valid, ALL_KINDS, taps=not hist,
-                           expert_tokens=not hist)
+    handler = site_handler(with_online(calibration_op(uppers if hist else None), online or {}), valid, ALL_KINDS,
+                           taps=not hist, expert_tokens=not hist)
     return _apply(model, params, ids, valid, handler)[1]
 
   return jax.jit(step)
@@ -224,17 +240,18 @@ def make_baseline_step(config: ModelConfig, dtype: Any) -> Callable:
                                                    site_handler(baseline_op, valid, ALL_KINDS)))
 
 
-def make_scheme_step(config: ModelConfig, scheme_config: ModelConfig, dtype: Any,
-                     scheme: qschemes.Scheme) -> Callable:
+def make_scheme_step(config: ModelConfig, scheme_config: ModelConfig, dtype: Any, scheme: qschemes.Scheme,
+                     online: dict[int, qtransforms.Rotation] | None = None) -> Callable:
   """jit(base params, scheme params, ids, valid, h0, thresholds) -> (next-token metrics of the
-  quantized model against the baseline's hidden states h0, sown per-site statistics)."""
+  quantized model against the baseline's hidden states h0, sown per-site statistics);
+  `online`: the scheme's online rotations (`with_online`)."""
   base_model = transformer.build(config, dtype)
   model = transformer.build(scheme_config, dtype)
   kinds = {'linear', 'experts'} | ({'gate'} if scheme.router else set()) | ({'attn'} if scheme.attention else set())
 
   def step(base_params, params, ids, valid, h0, thresholds):
-    h, sown = _apply(model, params, ids, valid, site_handler(scheme_op(scheme.acts, thresholds), valid,
-                                                             frozenset(kinds)))
+    op = with_online(scheme_op(scheme.acts, thresholds), online or {})
+    h, sown = _apply(model, params, ids, valid, site_handler(op, valid, frozenset(kinds)))
     metrics = next_token.next_token_metrics(h0, h[None], ids, valid, next_token.head_log_probs(base_model, base_params),
                                            next_token.head_log_probs(model, params))
     return metrics, sown
@@ -421,7 +438,11 @@ class Calibrations:
     info = dict(info)
     t0 = time.perf_counter()
     last = chain[-1]
-    if last.startswith('rotate'):
+    if last.startswith('rotdown'):
+      params, rotations = qtransforms.rotate_down(config, params, int(last[len('rotdown'):]))
+      info['online'] = {**info.get('online', {}), **rotations}
+      info['rotation_down'] = {str(n): r.how for n, r in rotations.items()}
+    elif last.startswith('rotate'):
       config, params, how = qtransforms.rotate(config, params, int(last[len('rotate'):]))
       info['rotation'] = how
     else:
@@ -436,9 +457,9 @@ class Calibrations:
   def calibration(self, chain: tuple[str, ...]) -> dict:
     """Per-channel max |x| of every site (and tap extremes, expert tokens) under `chain`."""
     if chain not in self.max:
-      config, params, _ = self.model(chain)
+      config, params, info = self.model(chain)
       acc = SiteAccumulator(config)
-      step = make_calibration_step(config, self.dtype, hist=False)
+      step = make_calibration_step(config, self.dtype, hist=False, online=info.get('online'))
       key = '+'.join(chain) or 'none'
       self.timings[f'calibration_{key}_s'] = self.runner.run(lambda p, i, v: step(p, i, v, None), params, acc,
                                                              f'{self.runner.model_name} calibrate {key}')
@@ -451,9 +472,9 @@ class Calibrations:
       per_site = split_sites(self.calibration(chain), 'ch_max')
       uppers = layer_table(self.config, {s: {l: float(m.max()) for l, m in per.items()}
                                          for s, per in per_site.items()})
-      config, params, _ = self.model(chain)
+      config, params, info = self.model(chain)
       acc = SiteAccumulator(config)
-      step = make_calibration_step(config, self.dtype, hist=True)
+      step = make_calibration_step(config, self.dtype, hist=True, online=info.get('online'))
       key = '+'.join(chain) or 'none'
       self.timings[f'calibration_hist_{key}_s'] = self.runner.run(lambda p, i, v: step(p, i, v, uppers), params, acc,
                                                                   f'{self.runner.model_name} histograms {key}')
@@ -601,7 +622,7 @@ def qeval(opts: QevalOptions) -> QevalResult:
                                        gates=scheme.router) if scheme.weights.fmt != fakequant.NONE else t_params
     timings[f'weights_{scheme.name}_s'] = time.perf_counter() - t0
     thresholds = layer_table(config, static) if static is not None else {}
-    step = make_scheme_step(config, s_config, dtype, scheme)
+    step = make_scheme_step(config, s_config, dtype, scheme, info.get('online'))
     h0 = iter(base_acc.hidden)  # the scheme pass sees the batches in the baseline's order
 
     def run_step(p, ids, valid, step=step, h0=h0, s_params=s_params, thresholds=thresholds):
@@ -622,7 +643,7 @@ def qeval(opts: QevalOptions) -> QevalResult:
         'by_class': entry['by_class'],
         'sites_summary': summarize_sites(sites),
         'linear_inputs': sites,
-        **({'rotation': info['rotation']} if 'rotation' in info else {}),
+        **{k: info[k] for k in ('rotation', 'rotation_down') if k in info},
         'time_s': round(elapsed, 3),
     }
     del s_params
@@ -695,7 +716,8 @@ def summary_lines(doc: dict) -> list[str]:
            f'({"calibration samples" if doc["global_max_source"] == "calibration" else doc["global_max_source"]})']
   for name, s in doc['schemes'].items():
     m = s['sites_summary'].get('max_abs')
-    if m and (s['definition']['rotate_seed'] is not None or s['definition']['smooth_alpha'] is not None):
+    d = s['definition']
+    if m and any(d[k] is not None for k in ('rotate_seed', 'rotate_down_seed', 'smooth_alpha')):
       lines.append(f'{name}: largest linear input max |x| {m["value"]:.4g} at {m["site"]} '
                    f'(unquantized, untransformed: {_fmt(m["base"])})')
   return lines

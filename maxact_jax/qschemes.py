@@ -12,7 +12,8 @@ A scheme is written `BASE[+MOD]...` (README, "Quantization impact"):
 - weight scale: `wchannel` (per output channel, the default), `wtensor`,
   `g<N>` (groups of N input channels per output channel);
 - transforms: `smooth<alpha>` (SmoothQuant), `rotate[<seed>]` (a randomized
-  Hadamard rotation of the residual stream);
+  Hadamard rotation of the residual stream), `rotdown[<seed>]` (an online one of
+  the down projections' input);
 - extra sites: `router` (the MoE router and shared-expert gate), `attn` (the
   attention products' operands q, k, v).
 
@@ -57,17 +58,20 @@ class Scheme:
   name: str
   weights: WeightSpec
   acts: ActSpec
-  rotate: int | None = None  # the seed of the rotation, or None
+  rotate: int | None = None  # the seed of the residual rotation, or None
+  rotate_down: int | None = None  # the seed of the down projections' input rotation, or None
   smooth: float | None = None  # SmoothQuant's alpha, or None
   router: bool = False
   attention: bool = False
 
   @property
   def transforms(self) -> tuple[str, ...]:
-    """The weight transforms, in the order they are applied (rotation first)."""
+    """The weight transforms, in the order they are applied (rotations first)."""
     out = []
     if self.rotate is not None:
       out.append(f'rotate{self.rotate}')
+    if self.rotate_down is not None:
+      out.append(f'rotdown{self.rotate_down}')
     if self.smooth is not None:
       out.append(f'smooth{self.smooth:g}')
     return tuple(out)
@@ -81,6 +85,7 @@ class Scheme:
                         'threshold': (None if not a.static else
                                       'max_abs' if a.clip is None else fakequant.policy_name('clip', a.clip))},
         'rotate_seed': self.rotate,
+        'rotate_down_seed': self.rotate_down,
         'smooth_alpha': self.smooth,
         'router': self.router,
         'attention': self.attention,
@@ -116,7 +121,7 @@ def parse_scheme(name: str) -> Scheme:
                       f'16 or fp8) or one of {", ".join(PRESETS)}, followed by +modifiers')
     wfmt = _fmt_of(m.group(1), 'weight', name) if m.group(1) else NONE
     afmt = _fmt_of(m.group(2), 'activation', name) if m.group(2) else NONE
-  act_scale = clip = weight_scale = group = rotate = smooth = None
+  act_scale = clip = weight_scale = group = rotate = rotate_down = smooth = None
   router = attention = False
   seen: set[str] = set()
 
@@ -151,6 +156,9 @@ def parse_scheme(name: str) -> Scheme:
     elif (rm := re.fullmatch(r'rotate(\d*)', mod)):
       once('rotate', mod, from_preset)
       rotate = int(rm.group(1) or 0)
+    elif (rm := re.fullmatch(r'rotdown(\d*)', mod)):
+      once('rotdown', mod, from_preset)
+      rotate_down = int(rm.group(1) or 0)
     elif mod == 'router':
       once('router', mod, from_preset)
       router = True
@@ -159,7 +167,7 @@ def parse_scheme(name: str) -> Scheme:
       attention = True
     else:
       raise UserError(f'scheme {name!r}: unknown modifier {mod!r} (token, tensor, static, clip<q>, wchannel, '
-                      f'wtensor, g<N>, smooth<alpha>, rotate[<seed>], router, attn)')
+                      f'wtensor, g<N>, smooth<alpha>, rotate[<seed>], rotdown[<seed>], router, attn)')
   if act_scale is not None and afmt in (NONE, BF16):
     raise UserError(f'scheme {name!r}: an activation scale ({act_scale}) needs quantized activations '
                     f'(a2-a8 or afp8)')
@@ -168,8 +176,8 @@ def parse_scheme(name: str) -> Scheme:
   if (router or attention) and afmt == NONE and wfmt == NONE:
     raise UserError(f'scheme {name!r}: router/attn quantize nothing without a format')
   return Scheme(name=text, weights=WeightSpec(wfmt, weight_scale or 'channel', group),
-                acts=ActSpec(afmt, act_scale or 'token', clip), rotate=rotate, smooth=smooth, router=router,
-                attention=attention)
+                acts=ActSpec(afmt, act_scale or 'token', clip), rotate=rotate, rotate_down=rotate_down, smooth=smooth,
+                router=router, attention=attention)
 
 
 def parse_schemes(names: list[str]) -> list[Scheme]:

@@ -30,6 +30,11 @@ normalised input (q/k/v, gate/up, the router, the experts' gate_up, ...) or
   sqrt(2 ln(n^2) / n) (0.21 for n = 576 against 1 / 24 = 0.042), and a
   Kronecker product with a small random block keeps most of the Hadamard's
   spread (`incoherence` gives the figure).
+- The down projections' input (`rotate_down`, QuaRot's online rotation): the
+  intermediate activation of every MLP is multiplied by Q on the fly (a few
+  small products, one per Kronecker factor) and every down projection by Q^T:
+  the residual rotation never reaches this input, where massive activations
+  are born.
 
 All arithmetic is float32 (matmuls at HIGHEST precision) and the results are
 cast back to the parameters' dtype.
@@ -40,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -262,25 +267,46 @@ def _paley2(q: int) -> np.ndarray:
   return np.kron(c, np.array([[1, 1], [1, -1]])) + np.kron(np.eye(q + 1, dtype=np.int64), np.array([[1, -1], [-1, -1]]))
 
 
+_H2 = np.array([[1, 1], [1, -1]], np.int64)
+# A rotation applied on the fly multiplies by its Kronecker factors one at a time;
+# consecutive factors are merged up to this order (fewer passes, small products).
+MAX_FACTOR = 64
+
+
 @functools.lru_cache(maxsize=None)
-def hadamard(n: int) -> np.ndarray | None:
-  """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None where none is built here."""
+def hadamard_factors(n: int) -> tuple[np.ndarray, ...] | None:
+  """Hadamard matrices (+-1) whose Kronecker product is one of order n, or None where
+  none is built here: Sylvester steps first (order 2), then Paley I or II of the order
+  left, then a product of two smaller ones."""
   if n == 1:
-    return np.ones((1, 1), np.int64)
+    return ()
   if n == 2:
-    return np.array([[1, 1], [1, -1]], np.int64)
+    return (_H2,)
   if n % 4:
     return None  # none exists
+  half = hadamard_factors(n // 2)
+  if half is not None:
+    return (_H2,) + half
   if _is_prime(n - 1) and (n - 1) % 4 == 3:
-    return _paley1(n - 1)
-  if n % 2 == 0 and _is_prime(n // 2 - 1) and (n // 2 - 1) % 4 == 1:
-    return _paley2(n // 2 - 1)
-  for a in range(2, int(math.isqrt(n)) + 1):  # a Kronecker product of two smaller ones
+    return (_paley1(n - 1),)
+  if _is_prime(n // 2 - 1) and (n // 2 - 1) % 4 == 1:
+    return (_paley2(n // 2 - 1),)
+  for a in range(3, int(math.isqrt(n)) + 1):
     if n % a == 0:
-      ha, hb = hadamard(a), hadamard(n // a)
-      if ha is not None and hb is not None:
-        return np.kron(ha, hb)
+      fa, fb = hadamard_factors(a), hadamard_factors(n // a)
+      if fa is not None and fb is not None:
+        return fa + fb
   return None
+
+
+def _kron_all(factors) -> np.ndarray:
+  return functools.reduce(np.kron, factors, np.ones((1, 1), np.int64))
+
+
+def hadamard(n: int) -> np.ndarray | None:
+  """A Hadamard matrix of order n (entries +-1, H H^T = n I), or None where none is built here."""
+  factors = hadamard_factors(n)
+  return None if factors is None else _kron_all(factors)
 
 
 def random_orthogonal(n: int, rng: np.random.RandomState) -> np.ndarray:
@@ -289,18 +315,57 @@ def random_orthogonal(n: int, rng: np.random.RandomState) -> np.ndarray:
   return q * np.sign(np.diag(r))[None, :]
 
 
-def rotation_matrix(n: int, seed: int = 0) -> tuple[np.ndarray, str]:
-  """(Q [n, n] float64 orthogonal, how it was built): diag(random signs) H / sqrt(n), or
-  the largest Hadamard factor Kronecker a random orthogonal block (see the module docstring)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Rotation:
+  """An orthogonal Q = diag(signs) (F_1 x ... x F_k) of order n, the F_i orthogonal blocks."""
+
+  signs: np.ndarray  # [n] +-1
+  factors: tuple[np.ndarray, ...]  # float64, orders multiplying to n
+  how: str
+
+  def matrix(self) -> np.ndarray:
+    """Q [n, n], float64."""
+    return self.signs[:, None] * _kron_all(self.factors)
+
+  def apply(self, x: Array) -> Array:
+    """x Q over the last axis, one Kronecker factor at a time (float32, in x's dtype)."""
+    sizes = tuple(f.shape[0] for f in self.factors)
+    y = (_f32(x) * jnp.asarray(self.signs, jnp.float32)).reshape(x.shape[:-1] + sizes)
+    for i, f in enumerate(self.factors):
+      axis = y.ndim - len(sizes) + i
+      y = jnp.moveaxis(jnp.tensordot(y, jnp.asarray(f, jnp.float32), axes=[[axis], [0]], precision=HIGHEST), -1, axis)
+    return y.reshape(x.shape).astype(x.dtype)
+
+
+def _merged(factors: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+  out: list[np.ndarray] = []
+  for f in factors:
+    if out and out[-1].shape[0] * f.shape[0] <= MAX_FACTOR:
+      out[-1] = np.kron(out[-1], f)
+    else:
+      out.append(np.asarray(f, np.float64))
+  return tuple(out)
+
+
+def rotation(n: int, seed: int = 0) -> Rotation:
+  """diag(random signs) H / sqrt(n), or where no Hadamard matrix of order n is built here,
+  the largest Hadamard factor of n Kronecker a Haar random orthogonal block of the rest
+  (see the module docstring)."""
   rng = np.random.RandomState(seed)
   signs = rng.choice([-1.0, 1.0], n)
-  h = hadamard(n)
-  if h is not None:
-    return signs[:, None] * h / math.sqrt(n), f'randomized Hadamard of order {n}'
-  best = max((d for d in range(1, n + 1) if n % d == 0 and hadamard(d) is not None), default=1)
+  factors = hadamard_factors(n)
+  if factors is not None:
+    return Rotation(signs, _merged([f / math.sqrt(f.shape[0]) for f in factors]), f'randomized Hadamard of order {n}')
+  best = max(d for d in range(1, n + 1) if n % d == 0 and hadamard_factors(d) is not None)
   block = random_orthogonal(n // best, rng)
-  q = np.kron(hadamard(best) / math.sqrt(best), block)
-  return signs[:, None] * q, f'Hadamard of order {best} x random orthogonal of order {n // best}'
+  return Rotation(signs, _merged([f / math.sqrt(f.shape[0]) for f in hadamard_factors(best)] + [block]),
+                  f'Hadamard of order {best} x random orthogonal of order {n // best}')
+
+
+def rotation_matrix(n: int, seed: int = 0) -> tuple[np.ndarray, str]:
+  """(Q [n, n] float64 orthogonal, how it was built): `rotation`'s, as a matrix."""
+  r = rotation(n, seed)
+  return r.matrix(), r.how
 
 
 def incoherence(q: np.ndarray) -> float:
@@ -342,8 +407,9 @@ def rotate(config: ModelConfig, params: Params, seed: int = 0) -> tuple[ModelCon
   """Fold the norms, then rotate the residual stream by Q (`rotation_matrix`):
   returns the (untied) config, the parameters and how Q was built."""
   config, params = fold_norms(config, params)
-  q_np, how = rotation_matrix(config.hidden_size, seed)
-  q = jnp.asarray(q_np, jnp.float32)
+  rot = rotation(config.hidden_size, seed)
+  how = rot.how
+  q = jnp.asarray(rot.matrix(), jnp.float32)
   right = lambda a: jnp.einsum('...d,dk->...k', _f32(a), q, precision=HIGHEST).astype(a.dtype)  # x Q
   left = lambda a: jnp.einsum('dk,...do->...ko', q, _f32(a), precision=HIGHEST).astype(a.dtype)  # Q^T W
   emb = params['model']['embed_tokens']
@@ -358,6 +424,24 @@ def rotate(config: ModelConfig, params: Params, seed: int = 0) -> tuple[ModelCon
         if b is not None:
           _set(view.tree, b, right(_get(view.tree, b)))
   return config, params, how
+
+
+def rotate_down(config: ModelConfig, params: Params, seed: int = 0) -> tuple[Params, dict[int, Rotation]]:
+  """QuaRot's online rotation of the down projections' input: every MLP writing weight
+  (down_proj, the experts' and shared experts') of input width n becomes Q_n^T W, so
+  that the model computes the same function when its input is multiplied by Q_n on the
+  fly (`Rotation.apply`, at qeval's down_proj sites). Returns the new parameters and
+  Q_n by width n."""
+  params = _copy(params)
+  rotations: dict[int, Rotation] = {}
+  for view in layer_views(config, params):
+    if 'mlp' not in view.tree:
+      continue
+    for path, _ in view.writers('mlp'):
+      w = _get(view.tree, path)
+      rot = rotations.setdefault(w.shape[-2], rotation(w.shape[-2], seed))
+      _set(view.tree, path, jnp.swapaxes(rot.apply(jnp.swapaxes(w, -1, -2)), -1, -2))  # (W^T Q)^T = Q^T W
+  return params, rotations
 
 
 def linear_kernels(config: ModelConfig, params: Params, gates: bool) -> list[tuple[LayerView, str]]:

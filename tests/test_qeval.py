@@ -56,12 +56,12 @@ def test_presets_expand_to_their_definitions():
   assert r.rotate == 0 and r.smooth is None and r.transforms == ('rotate0',)
   sm = s('w8a8-static+smooth0.5')
   assert sm.smooth == 0.5 and sm.acts.static and sm.transforms == ('smooth0.5',)
-  both = s('none+smooth0.8+rotate7')
-  assert both.transforms == ('rotate7', 'smooth0.8')  # rotation first, whatever the order written
+  both = s('none+smooth0.8+rotate7+rotdown')
+  assert both.transforms == ('rotate7', 'rotdown0', 'smooth0.8')  # rotations first, whatever the order written
   assert s('w6afp8+g32+tensor+router+attn').describe() == {
       'weights': {'format': 'int6', 'scale': 'group', 'group': 32},
       'activations': {'format': 'fp8_e4m3', 'scale': 'tensor', 'threshold': None},
-      'rotate_seed': None, 'smooth_alpha': None, 'router': True, 'attention': True}
+      'rotate_seed': None, 'rotate_down_seed': None, 'smooth_alpha': None, 'router': True, 'attention': True}
   assert s('w3').acts.fmt == 'none' and s('a16').weights.fmt == 'none'
   assert [x.name for x in qschemes.parse_schemes(list(qschemes.DEFAULT_SCHEMES))] == list(qschemes.DEFAULT_SCHEMES)
 
@@ -198,6 +198,11 @@ def test_hadamard_matrices(n):
   q, how = qtransforms.rotation_matrix(n, seed=3)
   np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-12)
   assert how.startswith('randomized Hadamard') and qtransforms.incoherence(q) == pytest.approx(1.0)
+  # Applied factor by factor (as on the fly), the same product.
+  r = qtransforms.rotation(n, seed=3)
+  assert all(f.shape[0] <= max(qtransforms.MAX_FACTOR, n if len(r.factors) == 1 else 0) for f in r.factors)
+  x = np.random.RandomState(0).standard_normal((2, 3, n)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(r.apply(jnp.asarray(x))), x @ q, atol=1e-5)
 
 
 def test_rotation_without_a_hadamard_matrix():
@@ -305,6 +310,48 @@ def test_rotation_and_smoothing_leave_the_logits_unchanged(model_type, overrides
   assert not np.allclose(first(p_rot), first(params)) and not np.allclose(first(p_smooth), first(params))
 
 
+@pytest.mark.parametrize('model_type', ['qwen3', 'qwen3_moe', 'qwen3_5_moe_text'])
+def test_online_down_rotation_leaves_the_logits_unchanged(model_type):
+  """Down projections folded with Q^T, their input multiplied by Q on the fly at the down_proj
+  sites (dense MLPs, experts, shared experts): the same logits (float32, 1e-5), a spread input."""
+  config = tiny_config(model_type)
+  params = jittered_params(config)
+  rng = np.random.RandomState(0)
+  ids = jnp.asarray(rng.randint(0, 256, (2, 20)), jnp.int32)
+  valid = jnp.ones((2, 20), bool).at[0, 15:].set(False)
+  model = transformer.build(config)
+  ref = np.asarray(jax.jit(lambda p: model.apply({'params': p}, ids, valid, logits=True))(params))[np.asarray(valid)]
+  rotated, rotations = qtransforms.rotate_down(config, params, seed=2)
+  widths = {config.intermediate_size} | ({config.moe.moe_intermediate_size} if config.moe else set())
+  if config.moe and config.moe.shared_expert_intermediate_size:
+    widths.add(config.moe.shared_expert_intermediate_size)
+  assert set(rotations) <= widths and len(rotations) >= 1
+  seen = []
+
+  def identity(site, x, mask, layer):
+    del mask, layer
+    seen.append(site)
+    return x, None
+
+  op = qeval.with_online(identity, rotations)
+
+  @jax.jit
+  def forward(p):
+    with nn.intercept_methods(capture.module_interceptor(
+        qeval.site_handler(op, valid, frozenset({'linear', 'experts'})))):
+      return model.apply({'params': p}, ids, valid, logits=True)
+
+  out = np.asarray(forward(rotated))[np.asarray(valid)]
+  tol = 1e-5 * np.abs(ref).max()
+  if config.linear_attention is not None:
+    tol *= 10  # the hybrid's own float32 sensitivity (see the test above)
+  assert np.abs(out - ref).max() <= tol
+  assert any(s.endswith('down_proj') for s in seen)
+  # Without the online half, the folded weights alone change the model.
+  plain = np.asarray(jax.jit(lambda p: model.apply({'params': p}, ids, valid, logits=True))(rotated))[np.asarray(valid)]
+  assert np.abs(plain - ref).max() > 100 * tol
+
+
 def test_sandwich_norms_smooth_but_do_not_rotate():
   config = tiny_config('gemma2')
   params = jittered_params(config)
@@ -370,7 +417,7 @@ def planted_run(planted, tmp_path_factory):
   ckpt, corpus, _ = planted
   out = tmp_path_factory.mktemp('qeval_out')
   code = cli.main(['maxact-jax', 'qeval', f'--model_path={ckpt}', f'--data_path={corpus}', f'--output_dir={out}',
-                   '--schemes=w8a8,w8a8-static,none+rotate,w16a16', f'--calibration_samples={N_CALIB}',
+                   '--schemes=w8a8,w8a8-static,none+rotate,w16a16,w8a8-static+rotdown', f'--calibration_samples={N_CALIB}',
                    f'--eval_samples={N_EVAL}', '--batch_size=8', '--dtype=float32', '--max_shapes=1',
                    '--progress=false'])
   assert code == 0
@@ -381,7 +428,7 @@ def planted_run(planted, tmp_path_factory):
 def test_results_schema(planted_run):
   doc = planted_run
   assert set(doc['baseline']) >= {'loss', 'perplexity'}
-  assert list(doc['schemes']) == ['w8a8', 'w8a8-static', 'none+rotate', 'w16a16']
+  assert list(doc['schemes']) == ['w8a8', 'w8a8-static', 'none+rotate', 'w16a16', 'w8a8-static+rotdown']
   for s in doc['schemes'].values():
     assert set(s) >= {'loss', 'perplexity', 'delta_loss', 'kl_mean', 'kl_p99', 'kl_max', 'kl_max_at',
                       'top1_agreement', 'linear_inputs'}
@@ -417,13 +464,28 @@ def test_planted_outlier_rotation_spreads_the_channel(planted_run):
   # Without quantization the rotation changes nothing the model computes ...
   assert rot['kl_max'] < 1e-5 and abs(rot['delta_loss']) < 1e-5 and rot['top1_agreement'] == 1.0
   # ... but the normalised residual stream no longer has its planted channel: from layer 2 on, the
-  # q/k/v and gate/up inputs' max |x| (sqrt(64) = 8 on BOS before) drops by more than half.
+  # q/k/v and gate/up inputs' max |x| (sqrt(64) = 8 on BOS before) falls to the bulk's, the level of
+  # layer 0, before the outlier (the largest of ~1000 tokens' Gaussian-like entries, about 4).
   for site in ('self_attn.qkv_proj', 'mlp.gate_up_proj'):
     e = rot['linear_inputs'][f'layer_2_{site}']
-    assert e['max_abs_base'] == pytest.approx(8.0, rel=0.01) and e['max_abs'] < 0.5 * e['max_abs_base']
+    bulk = rot['linear_inputs'][f'layer_0_{site}']['max_abs_base']
+    assert e['max_abs_base'] == pytest.approx(8.0, rel=0.01) and bulk < 5
+    assert e['max_abs'] < 0.6 * e['max_abs_base'] and e['max_abs'] < 1.2 * bulk
   # The inputs the rotation does not touch (inside the blocks) keep theirs.
   e = rot['linear_inputs']['layer_1_mlp.down_proj']
   assert e['max_abs'] == pytest.approx(e['max_abs_base'], rel=1e-4)
+
+
+def test_planted_outlier_online_down_rotation_spreads_the_planted_unit(planted_run):
+  """The planted unit's ~36 in layer 1's down_proj input, spread over its 160 channels by the
+  online rotation: the static threshold drops, the bulk keeps its levels, the KL falls."""
+  static, rot = planted_run['schemes']['w8a8-static'], planted_run['schemes']['w8a8-static+rotdown']
+  down = 'layer_1_mlp.down_proj'
+  assert rot['linear_inputs'][down]['max_abs'] < 0.25 * rot['linear_inputs'][down]['max_abs_base']
+  assert rot['linear_inputs'][down]['threshold'] < 0.25 * static['linear_inputs'][down]['threshold']
+  assert rot['linear_inputs'][down]['levels'] > 10 * static['linear_inputs'][down]['levels']
+  assert rot['kl_mean'] < 0.2 * static['kl_mean']
+  assert rot['rotation_down'] == {'160': 'randomized Hadamard of order 160'}
 
 
 def test_sixteen_bits_stay_within_bfloat16_noise(planted_run):
@@ -610,7 +672,7 @@ def test_report_quantization_section(planted_run, tmp_path):
       json.dump(doc, f)
   summary = report.build_summary(root)
   q = summary['quantization']
-  assert q['schemes'] == ['w8a8', 'w8a8-static', 'none+rotate', 'w16a16']
+  assert q['schemes'] == ['w8a8', 'w8a8-static', 'none+rotate', 'w16a16', 'w8a8-static+rotdown']
   by_name = {m['model_name']: m for m in q['models']}
   measured = {m['model_name']: m['global_max_abs'] for m in summary['models']}
   assert by_name['Qwen3-8B']['global_max_abs'] == measured['Qwen3-8B'] and by_name['Qwen3-8B']['global_max_source'] == 'measure'

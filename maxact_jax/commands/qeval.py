@@ -43,11 +43,13 @@ flags.DEFINE_integer('max_shapes', 4, 'At most this many padded batch lengths (e
 flags.DEFINE_string('source_tokenizer', None, 'Tokenizer that made the input_ids of --data_path (see measure).',
                     flag_values=FLAGS)
 flags.DEFINE_boolean('progress', True, 'Show a progress bar per pass.', flag_values=FLAGS)
+flags.DEFINE_enum('demo', 'dense', fixtures.DEMO_KINDS, 'Without --model_path: which built-in demo checkpoint '
+                  '(as measure\'s --demo).', flag_values=FLAGS)
 
 
 def run() -> int:
   common.check_dtype(FLAGS.dtype)
-  model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint()
+  model_path = FLAGS.model_path or fixtures.ensure_demo_checkpoint(kind=FLAGS.demo)
   result = qeval.qeval(qeval.QevalOptions(
       model_path=model_path, output_dir=FLAGS.output_dir, schemes=FLAGS.schemes, data_path=FLAGS.data_path,
       stats_path=FLAGS.stats_path, calibration_samples=FLAGS.calibration_samples, eval_samples=FLAGS.eval_samples,
