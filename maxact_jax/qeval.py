@@ -366,6 +366,7 @@ class QevalOptions:
   max_shapes: int = 4
   progress: bool = True
   source_tokenizer: str | None = None
+  tokenizer: str | None = None  # instead of the checkpoint's own
 
 
 @dataclasses.dataclass
@@ -577,10 +578,10 @@ def qeval(opts: QevalOptions) -> QevalResult:
       raise UserError(f'scheme {s.name!r}: {config.model_type} has sandwich norms (a norm between each block and '
                       'the residual stream): the rotation cannot be folded through them')
   start = opts.calibration_samples if opts.eval_start is None else opts.eval_start
-  corpus = measure.load_measure_corpus(measure.MeasureOptions(
-      model_path=opts.model_path, output_dir=opts.output_dir, data_path=opts.data_path,
-      max_samples=start + opts.eval_samples, max_seq_len=opts.max_seq_len,
-      source_tokenizer=opts.source_tokenizer), config)
+  mopts = measure.MeasureOptions(model_path=opts.model_path, output_dir=opts.output_dir, data_path=opts.data_path,
+                                 max_samples=start + opts.eval_samples, max_seq_len=opts.max_seq_len,
+                                 source_tokenizer=opts.source_tokenizer, tokenizer=opts.tokenizer)
+  corpus = measure.load_measure_corpus(mopts, config)
   calib_corpus, eval_corpus = split_samples(corpus, opts.calibration_samples, start, opts.eval_samples)
   if all(len(s) < 2 for s in eval_corpus.samples):
     raise UserError('every evaluation sample has fewer than 2 tokens: there is no next token to predict')
@@ -599,7 +600,7 @@ def qeval(opts: QevalOptions) -> QevalResult:
   timings['baseline_s'] = eval_runner.run(make_baseline_step(config, dtype), params, base_acc,
                                           f'{model_name} baseline')
   base_sites = base_acc.sites
-  tokenizer = data.Tokenizer.maybe(opts.model_path)
+  tokenizer = data.Tokenizer.maybe(mopts.tokenizer_source)
   table = anatomy.TokenTable.build(config.vocab_size, tokenizer, anatomy.bos_token_id(opts.model_path, tokenizer))
   describe = measure.describer(eval_corpus, tokenizer)
   offset = start  # evaluation sample i is corpus sample start + i
@@ -670,6 +671,7 @@ def qeval(opts: QevalOptions) -> QevalResult:
       'kl': 'KL(unquantized || scheme) of the next-token distributions, nats per predicted position',
       'sites': 'inputs of linear layers, layer_{i}_<module path> (see README, "Quantization impact")',
       'run': {'devices': [str(d) for d in jax.devices()], 'jax_version': jax.__version__,
+              'weights': converters.weights_info(opts.model_path), 'tokenizer': opts.tokenizer,
               **{k: round(v, 3) for k, v in {**timings, **calibrations.timings}.items()}},
   }
   path = os.path.join(results.ensure_output_dir(opts.output_dir), f'{model_name}{results.QEVAL_SUFFIX}')

@@ -1,6 +1,6 @@
 """`maxact-jax qeval`: what quantizing every linear layer does to the model's predictions.
 
-    maxact-jax qeval --model_path=DIR --schemes=w8a8,w8a8-static,w4a4+rotate [--data_path=F]
+    maxact-jax qeval --model_path=DIR|F.gguf --schemes=w8a8,w8a8-static,w4a4+rotate [--data_path=F]
         [--calibration_samples=128] [--eval_samples=256] [--max_seq_len=2048] [--output_dir=runs/qeval]
 
 Calibrates on the first --calibration_samples samples, evaluates every scheme
@@ -54,7 +54,8 @@ def run() -> int:
       model_path=model_path, output_dir=FLAGS.output_dir, schemes=FLAGS.schemes, data_path=FLAGS.data_path,
       stats_path=FLAGS.stats_path, calibration_samples=FLAGS.calibration_samples, eval_samples=FLAGS.eval_samples,
       eval_start=FLAGS.eval_start, max_seq_len=FLAGS.max_seq_len, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
-      max_shapes=FLAGS.max_shapes, progress=FLAGS.progress, source_tokenizer=FLAGS.source_tokenizer))
+      max_shapes=FLAGS.max_shapes, progress=FLAGS.progress, source_tokenizer=FLAGS.source_tokenizer,
+      tokenizer=FLAGS.tokenizer))
   for line in qeval.summary_lines(result.doc):
     print(line)
   print(qeval.table(result.doc))
