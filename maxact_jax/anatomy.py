@@ -6,10 +6,19 @@ entries sit. For the residual stream (`layer_{i}_hidden`) it also keeps
 - the max |x| of every channel over the corpus (`stats.tap_partial(...,
   anatomy=True)`: one max over B * T per channel, max-merged on the host),
   saved as a [layers, hidden] float32 array in `<model>_channel_absmax.npz`;
-- Sun et al.'s per-token flag (max |x| over the channels > 100 and > 1000x the
-  token's median |x|), returned as a [B, T] bool per layer and counted here
-  with the batch's token ids: by token id, by position and by *class* (BOS,
-  first token, other special tokens, newline, delimiter/punctuation, other).
+- two flags per token, one per rule of which tokens carry a massive
+  activation (`TOKEN_RULES`), returned as [B, T] bools per layer and counted
+  here with the batch's token ids: by token id, by position and by *class*
+  (BOS, first token, other special tokens, newline, delimiter/punctuation,
+  other). Both rules ask for max |x| over the channels > 100 and > 1000x a
+  median |x|; they differ in which median:
+  - `layer_median` (the token attribution): the median |x| of the whole layer
+    output of the token's sequence, as Sun et al.'s code takes it;
+  - `token_median` (recorded beside it): the token's own median |x| over the
+    channels, the reference pipeline's rule behind its `sun_*` fields. It
+    misses a token whose whole state is large: the first token of
+    SmolLM2-135M has a median |x| near 50 against the layer's ~2, so its
+    peak is ~500x the one and ~14,000x the other.
 
 From these, `<model>_anatomy.json` lists the persistent outlier channels
 (over a threshold in at least a share of the layers, with the layer where each
@@ -141,8 +150,27 @@ class TokenTable:
 # Token attribution: host-side counts of the per-token flags.
 
 
+# The rules of which tokens carry a massive activation: name -> (the flag in a residual-stream
+# partial, the field of the activation statistics that counts it, what it means).
+TOKEN_RULES = {
+    'layer_median': ('layer_median_tok', 'layer_median_n_pass',
+                     f'a token is flagged at a layer when its max |x| over the channels of the residual stream '
+                     f'is > {stats.SUN_T_VAL:g} and > {stats.SUN_T_RATIO:g}x the median |x| of that layer\'s '
+                     f'output over the token\'s whole sequence (all its tokens and channels), as Sun et al.\'s '
+                     f'code computes it (torch.median of one sequence\'s layer output)'),
+    'token_median': ('sun_tok', 'sun_n_pass',
+                     f'a token is flagged at a layer when its max |x| over the channels of the residual stream '
+                     f'is > {stats.SUN_T_VAL:g} and > {stats.SUN_T_RATIO:g}x the token\'s OWN median |x| over '
+                     f'the channels: the reference pipeline\'s per-token rule (its sun_* fields); it misses '
+                     f'tokens whose whole hidden state is large'),
+}
+ATTRIBUTION_RULE = 'layer_median'  # the rule of `token_attribution`; the other is recorded beside it
+# The anatomy document's key of each rule's attribution.
+ATTRIBUTION_KEYS = {'layer_median': 'token_attribution', 'token_median': 'token_attribution_token_median'}
+
+
 class TokenAttribution:
-  """Which tokens carry massive activations (Sun's criterion), counted over the corpus.
+  """Which tokens carry massive activations (under one of `TOKEN_RULES`), counted over the corpus.
 
   A token occurrence is keyed by (token id, whether it is the sample's first
   token) as `2 * id + first`; per layer and over all layers ("flagged in at
@@ -204,7 +232,8 @@ class TokenAttribution:
     obj.n_layers = counter(state.get('n_layers', []))
     return obj
 
-  def summary(self, corpus: data.Corpus, table: TokenTable, num_layers: int) -> dict[str, Any]:
+  def summary(self, corpus: data.Corpus, table: TokenTable, num_layers: int,
+              rule: str = ATTRIBUTION_RULE) -> dict[str, Any]:
     """Counts by class (with the corpus totals), per layer, by token id and by position."""
     ids = np.concatenate(corpus.samples).astype(np.int64)
     first = np.concatenate([np.arange(len(s)) == 0 for s in corpus.samples])
@@ -234,9 +263,8 @@ class TokenAttribution:
                   'share_flagged': float(n / occurrences[token]) if occurrences[token] else None})
     n_flagged = int(sum(self.any.values()))
     return {
-        'criterion': {'sun_t_val': stats.SUN_T_VAL, 'sun_t_ratio': stats.SUN_T_RATIO,
-                      'rule': 'a token is flagged at a layer when its max |x| over the channels of the '
-                              'residual stream is > t_val and > t_ratio x its median |x| (Sun et al.)'},
+        'criterion': {'name': rule, 'sun_t_val': stats.SUN_T_VAL, 'sun_t_ratio': stats.SUN_T_RATIO,
+                      'rule': TOKEN_RULES[rule][2], 'counted_by': TOKEN_RULES[rule][1]},
         'tokens': int(len(ids)),
         'flagged_tokens': n_flagged,
         'classes': {c: {'flagged': int(flagged[k]), 'total': int(totals[k]),
@@ -263,14 +291,22 @@ def hidden_layer(name: str) -> int | None:
   return None
 
 
-def take_flags(partials: dict[str, dict[str, Any]]) -> dict[int, np.ndarray]:
-  """Remove the per-token flags from the residual-stream partials: {layer: [B, T] bool}."""
-  flags = {}
+def take_flags(partials: dict[str, dict[str, Any]]) -> dict[str, dict[int, np.ndarray]]:
+  """Remove the per-token flags from the residual-stream partials: {rule: {layer: [B, T] bool}}."""
+  flags: dict[str, dict[int, np.ndarray]] = {rule: {} for rule in TOKEN_RULES}
   for name, p in partials.items():
     layer = hidden_layer(name)
-    if layer is not None and 'sun_tok' in p:
-      flags[layer] = np.asarray(p.pop('sun_tok'))
+    if layer is None:
+      continue
+    for rule, (key, _, _) in TOKEN_RULES.items():
+      if key in p:
+        flags[rule][layer] = np.asarray(p.pop(key))
   return flags
+
+
+def new_attributions() -> dict[str, TokenAttribution]:
+  """One empty attribution per rule."""
+  return {rule: TokenAttribution() for rule in TOKEN_RULES}
 
 
 # ---------------------------------------------------------------------------
@@ -442,7 +478,8 @@ def read_channels(path: str) -> tuple[list[int], np.ndarray, np.ndarray]:
 def build_doc(doc: Mapping[str, Any], layers: Sequence[int],
               absmax: np.ndarray, medians: np.ndarray, rule: ChannelRule,
               tokens: Mapping[str, Any] | None) -> dict[str, Any]:
-  """The anatomy document of one model (see the module docstring)."""
+  """The anatomy document of one model (see the module docstring); `tokens`: each rule's
+  attribution summary, {rule: summary}."""
   name = doc.get('model_name')
   out = {k: doc.get(k) for k in ('model_name', 'model_type', 'num_hidden_layers', 'hidden_size', 'data_path',
                                   'num_samples')}
@@ -451,15 +488,16 @@ def build_doc(doc: Mapping[str, Any], layers: Sequence[int],
     out['global_max'] = {'value': doc.get('global_max_activation'), **detail}
   out['residual_peaks'] = residual_peaks(doc)
   out['outlier_channels'] = outlier_channels(layers, absmax, medians, rule) if len(layers) else None
-  out['token_attribution'] = tokens
+  for token_rule, key in ATTRIBUTION_KEYS.items():
+    out[key] = (tokens or {}).get(token_rule)
   out['layerwise'] = layerwise_top(layers, absmax, medians)
   out['files'] = {'channel_absmax': f'{name}{CHANNELS_SUFFIX}'}
   return out
 
 
 def write_measure_outputs(output_dir: str, doc: Mapping[str, Any], taps: Mapping[str, stats.TapStats],
-                          attribution: TokenAttribution | None, corpus: data.Corpus, table: TokenTable, rule: ChannelRule = ChannelRule()
-                          ) -> tuple[str, str] | None:
+                          attributions: Mapping[str, TokenAttribution] | None, corpus: data.Corpus,
+                          table: TokenTable, rule: ChannelRule = ChannelRule()) -> tuple[str, str] | None:
   """After `measure`: `<model>_channel_absmax.npz` and `<model>_anatomy.json` beside the results."""
   layers, absmax = channel_matrix(taps)
   if not layers:
@@ -469,7 +507,7 @@ def write_measure_outputs(output_dir: str, doc: Mapping[str, Any], taps: Mapping
   medians = layer_medians(doc, layers)
   write_npz(p['channels'], channel_absmax=absmax, layers=np.asarray(layers, np.int32),
             abs_median=medians.astype(np.float64))
-  tokens = attribution.summary(corpus, table, int(doc['num_hidden_layers'])) if attribution else None
+  tokens = {r: a.summary(corpus, table, int(doc['num_hidden_layers']), r) for r, a in (attributions or {}).items()}
   results.atomic_write_json(p['anatomy'], build_doc(doc, layers, absmax, medians, rule, tokens))
   return p['channels'], p['anatomy']
 
@@ -497,6 +535,36 @@ def token_label(text: str | None, token_id: int) -> str:
   return repr(text) if text is not None else f'id {token_id}'
 
 
+RULE_LABELS = {
+    'layer_median': 'layer-median rule (Sun et al.\'s code: max |x| > 100 and > 1000x the median |x| of the '
+                    'layer output of the token\'s sequence)',
+    'token_median': 'per-token rule (the reference pipeline\'s sun_* fields: max |x| > 100 and > 1000x the '
+                    'token\'s own median |x|)',
+}
+
+
+def attribution_rule(ta: Mapping[str, Any]) -> str:
+  """The rule of an attribution summary; files written before the layer-median rule carried the
+  per-token rule without naming it."""
+  return (ta.get('criterion') or {}).get('name', 'token_median')
+
+
+def attribution_lines(anat: Mapping[str, Any]) -> list[str]:
+  """The tokens that carry massive activations, under each rule the document holds."""
+  lines = []
+  for key in ATTRIBUTION_KEYS.values():
+    ta = anat.get(key)
+    if not ta:
+      continue
+    parts = [f'{c} {v["flagged"]}/{v["total"]}' for c, v in ta['classes'].items() if v['total']]
+    lines.append(f'tokens with a massive activation in any layer, {RULE_LABELS[attribution_rule(ta)]}: '
+                 f'{ta["flagged_tokens"]:,} of {ta["tokens"]:,}; by class (flagged/total): {", ".join(parts)}')
+    if ta['top_token_ids']:
+      lines.append('  most often: ' + ', '.join(f'{token_label(t["token"], t["token_id"])} {t["flagged"]}'
+                                                for t in ta['top_token_ids'][:8]))
+  return lines
+
+
 def summary_lines(anat: Mapping[str, Any]) -> list[str]:
   """What the anatomy found, for the terminal."""
   lines = [f'{anat.get("model_name")}: {anat.get("num_hidden_layers")} layers, hidden {anat.get("hidden_size")}']
@@ -510,14 +578,7 @@ def summary_lines(anat: Mapping[str, Any]) -> list[str]:
                  + (', '.join(f'{c["channel"]} (layers {c["first_layer"]}-{c["last_layer"]}, peak '
                               f'{c["peak_abs"]:.4g} at layer {c["peak_layer"]})' for c in oc['channels'][:10])
                     or 'none'))
-  ta = anat.get('token_attribution')
-  if ta:
-    parts = [f'{c} {v["flagged"]}/{v["total"]}' for c, v in ta['classes'].items() if v['total']]
-    lines.append(f'tokens with a massive activation (Sun et al.) in any layer: {ta["flagged_tokens"]:,} of '
-                 f'{ta["tokens"]:,}; by class (flagged/total): {", ".join(parts)}')
-    if ta['top_token_ids']:
-      lines.append('  most often: ' + ', '.join(f'{token_label(t["token"], t["token_id"])} {t["flagged"]}'
-                                                for t in ta['top_token_ids'][:8]))
+  lines += attribution_lines(anat)
   s = anat.get('surface')
   if s:
     pk = s['peak']

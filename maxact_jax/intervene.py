@@ -16,8 +16,33 @@ mean and max KL (with where the max sits), top-1 agreement, and the same by
 the class of the predicting token (BOS, first token, ..., see
 `maxact_jax.anatomy.CLASSES`).
 
-Modes: `zero` sets the channel to 0; `mean` to its mean over the corpus's
-valid tokens under the unmodified model (a first pass, reduced on device).
+Modes (`MODES`), two that replace the channel at every position and two
+that replace only its massive values, where they occur (Sun et al.'s
+experiment):
+
+- `zero`: every position of the channel set to 0;
+- `channel_mean`: every position set to the channel's mean over all valid
+  tokens of the corpus under the unmodified model (a first pass, reduced on
+  device). Where the channel carries a massive activation on a few tokens,
+  this mean is small, so those tokens lose it. (This mode was called `mean`;
+  that name is refused with a message naming both, see `RENAMED_MODES`.)
+- `massive_mean`: Sun et al.'s "set to mean": only the elements where the
+  channel is massive by the layer-median rule (|x| > 100 and > 1000x the
+  median |x| of that layer's output over the token's own sequence, as
+  `maxact_jax.stats.sequence_median` takes it) are set to the mean of the
+  channel's massive values over the corpus (a first pass over the
+  unmodified model, with the same rule); so they stay massive, at one value,
+  and every other position is untouched. Their code does this at the layer
+  where the massive activations appear, with means measured beforehand, at
+  the positions that carry them (the first token, and the strongest other
+  one): the rule finds those positions here;
+- `massive_zero`: Sun et al.'s "set to zero": the same elements set to 0,
+  every other position untouched.
+
+In the massive modes the rule is applied to the layer output the edited
+model produces (an edit at layer 2 feeds layer 3's rule), inside the step;
+a layer without a chosen channel skips the median (`lax.cond`). Every
+variant reports how many (token, channel) elements it replaced.
 """
 
 from __future__ import annotations
@@ -33,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import converters
-from maxact_jax import anatomy, capture, data, measure, measure_step, next_token, results
+from maxact_jax import anatomy, capture, data, measure, measure_step, next_token, results, stats
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
@@ -41,7 +66,24 @@ from maxact_jax.models import transformer
 
 Array = jax.Array
 
-MODES = ('zero', 'mean')
+MODES = ('zero', 'channel_mean', 'massive_mean', 'massive_zero')
+MODE_MEANING = {
+    'zero': 'every position of the channel set to 0',
+    'channel_mean': ('every position of the channel set to the channel\'s mean over all valid tokens of the '
+                     'corpus (unmodified model); massive values on a few tokens become that small mean'),
+    'massive_mean': ('Sun et al.\'s set-to-mean: only where the channel is massive (|x| > 100 and > 1000x the '
+                     'median |x| of the layer output over the token\'s sequence), set to the mean of the '
+                     'channel\'s massive values over the corpus (unmodified model); other positions untouched'),
+    'massive_zero': ('Sun et al.\'s set-to-zero: only where the channel is massive (the same rule), set to 0; '
+                     'other positions untouched'),
+}
+MASSIVE_MODES = ('massive_mean', 'massive_zero')
+# Names no longer accepted, with why: `mean` read as Sun et al.'s experiment, which it is not.
+RENAMED_MODES = {
+    'mean': ('--mode=mean is ambiguous and no longer accepted: the mode it named is now channel_mean (every '
+             'position set to the channel\'s mean over all tokens, so a massive value becomes small); Sun et '
+             'al.\'s experiment (the massive values, where they occur, set to their mean) is massive_mean'),
+}
 INTERVENTION_SUFFIX = '_intervention.json'
 
 _SPEC_RE = re.compile(r'^(\d+)(?:-(\d+))?:(\d+)$')
@@ -85,30 +127,59 @@ def control_channels(pairs: Sequence[tuple[int, int]], hidden_size: int, seed: i
 
 def edit_tables(pairs: Sequence[tuple[int, int]], num_layers: int, hidden_size: int,
                 means: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-  """(mask [L, D] bool, value [L, D] float32): what replaces each chosen channel (0 or its mean)."""
+  """(mask [L, D] bool, value [L, D] float32): what replaces each chosen channel (0 or its mean).
+
+  A NaN mean (a channel without a massive value to average, in `massive_mean`)
+  leaves that channel out: there is nothing to replace.
+  """
   mask = np.zeros((num_layers, hidden_size), bool)
   value = np.zeros((num_layers, hidden_size), np.float32)
   for layer, channel in pairs:
+    if means is not None and np.isnan(means[layer, channel]):
+      continue
     mask[layer, channel] = True
     if means is not None:
       value[layer, channel] = means[layer, channel]
   return mask, value
 
 
+def layer_mask(pairs: Sequence[tuple[int, int]], num_layers: int) -> np.ndarray:
+  """[L] bool: the layers with a chosen channel."""
+  out = np.zeros(num_layers, bool)
+  out[[layer for layer, _ in pairs]] = True
+  return out
+
+
 # ---------------------------------------------------------------------------
 # Handlers.
 
 
-def edit_handler(mask: Array, value: Array) -> capture.Handler:
-  """Replace residual-stream channels: hidden tap of layer l -> where(mask[l], value[l], x).
+def massive_elements(x: Array, valid: Array) -> Array:
+  """[B, T, D] bool: the valid elements that are massive by the layer-median rule (|x| > 100 and
+  > 1000x the median |x| of the row's layer output; NaN counts as 0, as in the statistics)."""
+  a = jnp.abs(jnp.where(jnp.isnan(x), 0.0, x.astype(jnp.float32)))
+  return stats.massive(a, stats.sequence_median(a, valid)[:, None, None]) & valid[:, :, None]
 
-  mask, value: [L, D]; indexed by the traced layer index inside the scan.
+
+def edit_handler(mask: Array, value: Array, valid: Array, massive_only: bool = False) -> capture.Handler:
+  """Replace residual-stream channels: hidden tap of layer l -> where(selected, value[l], x), and sow
+  the number of valid elements replaced per channel ([D] int32).
+
+  mask, value: [L, D]; indexed by the traced layer index inside the scan. Selected: every position of
+  the channels of mask[l]; with `massive_only`, only their massive elements (`massive_elements`), the
+  median being skipped at layers without a chosen channel.
   """
 
   def handle(call: capture.TapCall, x: Array):
     if not (call.in_layer and call.suffix == 'hidden'):
       return x, None
-    return jnp.where(mask[call.layer_index], value[call.layer_index].astype(x.dtype), x), None
+    m = mask[call.layer_index]
+    if massive_only:
+      sel = jax.lax.cond(m.any(), lambda: massive_elements(x, valid) & m, lambda: jnp.zeros(x.shape, bool))
+    else:
+      sel = jnp.broadcast_to(m, x.shape)
+    replaced = (sel & valid[:, :, None]).sum(axis=(0, 1), dtype=jnp.int32)
+    return jnp.where(sel, value[call.layer_index].astype(x.dtype), x), replaced
 
   return handle
 
@@ -124,38 +195,69 @@ def channel_sum_handler(valid: Array) -> capture.Handler:
   return handle
 
 
+def massive_sum_handler(valid: Array, layers: Array) -> capture.Handler:
+  """Sow each residual layer's per-channel sum of its massive values and their count ([D] float32,
+  [D] int32), at the layers of `layers` ([L] bool; zeros elsewhere, without the median)."""
+
+  def handle(call: capture.TapCall, x: Array):
+    if not (call.in_layer and call.suffix == 'hidden'):
+      return x, None
+
+    def sums():
+      sel = massive_elements(x, valid)
+      return {'sum': jnp.where(sel, x.astype(jnp.float32), 0.0).sum(axis=(0, 1)),
+              'count': sel.sum(axis=(0, 1), dtype=jnp.int32)}
+
+    def nothing():
+      return {'sum': jnp.zeros(x.shape[-1:], jnp.float32), 'count': jnp.zeros(x.shape[-1:], jnp.int32)}
+
+    return x, jax.lax.cond(layers[call.layer_index], sums, nothing)
+
+  return handle
+
+
 # ---------------------------------------------------------------------------
 # Device steps.
 
 
-def make_means_step(config: ModelConfig, dtype: Any) -> Callable:
-  """jit(params, ids, valid) -> the sown per-layer channel sums of the unmodified model."""
+def make_means_step(config: ModelConfig, dtype: Any, massive_layers: np.ndarray | None = None) -> Callable:
+  """jit(params, ids, valid) -> the sown per-layer channel sums of the unmodified model: of every
+  valid x, or, with `massive_layers` ([L] bool), of the massive values at those layers with counts."""
   model = transformer.build(config, dtype)
 
   def step(params, input_ids, valid):
-    with nn.intercept_methods(capture.interceptor(channel_sum_handler(valid))):
+    handler = (channel_sum_handler(valid) if massive_layers is None
+               else massive_sum_handler(valid, jnp.asarray(massive_layers)))
+    with nn.intercept_methods(capture.interceptor(handler)):
       _, sown = model.apply({'params': params}, input_ids, valid, mutable=[capture.COLLECTION])
     return sown[capture.COLLECTION]
 
   return jax.jit(step)
 
 
-def make_eval_step(config: ModelConfig, dtype: Any, chunk: int = next_token.LOGITS_CHUNK) -> Callable:
+def make_eval_step(config: ModelConfig, dtype: Any, chunk: int = next_token.LOGITS_CHUNK,
+                   massive_only: bool = False) -> Callable:
   """jit(params, ids [B,T], valid [B,T], masks [V,L,D], values [V,L,D]) -> per-position metrics
-  (`next_token_metrics` of the unmodified model against each edit)."""
+  (`next_token.next_token_metrics` of the unmodified model against each edit) and `replaced`, per
+  variant the sown tree of elements replaced per layer and channel. `massive_only`: the edits
+  replace only massive elements (`edit_handler`).
+  """
   model = transformer.build(config, dtype)
 
   def forward(params, ids, valid, edit=None):
     if edit is None:
-      return model.apply({'params': params}, ids, valid)
-    with nn.intercept_methods(capture.interceptor(edit_handler(*edit))):
-      return model.apply({'params': params}, ids, valid)
+      return model.apply({'params': params}, ids, valid), None
+    with nn.intercept_methods(capture.interceptor(edit_handler(*edit, valid, massive_only))):
+      h, sown = model.apply({'params': params}, ids, valid, mutable=[capture.COLLECTION])
+    return h, sown[capture.COLLECTION]
 
   def step(params, input_ids, valid, masks, values):
-    h0 = forward(params, input_ids, valid)
-    hv = jnp.stack([forward(params, input_ids, valid, (masks[v], values[v])) for v in range(masks.shape[0])])
+    h0 = forward(params, input_ids, valid)[0]
+    edited = [forward(params, input_ids, valid, (masks[v], values[v])) for v in range(masks.shape[0])]
+    hv = jnp.stack([h for h, _ in edited])
     log_probs = next_token.head_log_probs(model, params)
-    return next_token.next_token_metrics(h0, hv, input_ids, valid, log_probs, log_probs, chunk)
+    out = next_token.next_token_metrics(h0, hv, input_ids, valid, log_probs, log_probs, chunk)
+    return {**out, 'replaced': [sown for _, sown in edited]}
 
   return jax.jit(step)
 
@@ -181,6 +283,45 @@ class MeansAccumulator:
 
   def means(self) -> np.ndarray:
     return (self.sums / max(self.tokens, 1)).astype(np.float32)
+
+
+class MassiveMeansAccumulator:
+  """Per-layer channel sums and counts of the massive values over the corpus -> [L, D] means
+  (NaN where a channel has none) and counts."""
+
+  def __init__(self, config: ModelConfig):
+    self.config = config
+    self.sums = np.zeros((config.num_hidden_layers, config.hidden_size), np.float64)
+    self.counts = np.zeros((config.num_hidden_layers, config.hidden_size), np.int64)
+
+  def add(self, sown: Any, batch: data.Batch) -> None:
+    del batch
+    for name, s in capture.collect(self.config, jax.device_get(sown)).items():
+      layer = anatomy.hidden_layer(name)
+      if layer is not None:
+        self.sums[layer] += np.asarray(s['sum'], np.float64)
+        self.counts[layer] += np.asarray(s['count'], np.int64)
+
+  def means(self) -> np.ndarray:
+    with np.errstate(invalid='ignore', divide='ignore'):
+      return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan).astype(np.float32)
+
+
+class EvalAccumulator(next_token.EvalAccumulator):
+  """`next_token.EvalAccumulator`, and the elements each variant replaced per layer and channel."""
+
+  def __init__(self, n_variants: int, table: anatomy.TokenTable, config: ModelConfig):
+    super().__init__(n_variants, table)
+    self.config = config
+    self.replaced = np.zeros((n_variants, config.num_hidden_layers, config.hidden_size), np.int64)
+
+  def add(self, out: Any, batch: data.Batch) -> None:
+    super().add(out, batch)
+    for v, sown in enumerate(jax.device_get(out['replaced'])):
+      for name, n in capture.collect(self.config, sown).items():
+        layer = anatomy.hidden_layer(name)
+        if layer is not None:
+          self.replaced[v, layer] += np.asarray(n, np.int64)
 
 
 # ---------------------------------------------------------------------------
@@ -213,6 +354,8 @@ class InterventionResult:
 
 def intervene(opts: InterveneOptions) -> InterventionResult:
   """Base and intervened passes over the corpus; `<output_dir>/json/<model>_intervention.json`."""
+  if opts.mode in RENAMED_MODES:
+    raise UserError(RENAMED_MODES[opts.mode])
   if opts.mode not in MODES:
     raise UserError(f'--mode={opts.mode} is not supported (choose from {", ".join(MODES)})')
   if opts.dtype not in measure_step.DTYPES:
@@ -239,12 +382,20 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
   params = measure_step.load_params(opts.model_path, config, opts.dtype)
   timings: dict[str, float] = {}
 
-  means = None
-  if opts.mode == 'mean':
+  means, massive_counts = None, None
+  if opts.mode == 'channel_mean':
     t0 = time.perf_counter()
     macc = MeansAccumulator(config)
     measure_step.run(make_means_step(config, dtype), params, enumerate(data.iter_batches(corpus, plan, pad)), macc)
     means = macc.means()
+    timings['means_s'] = time.perf_counter() - t0
+  elif opts.mode == 'massive_mean':
+    t0 = time.perf_counter()
+    mmacc = MassiveMeansAccumulator(config)
+    every = layer_mask([p for _, vp in variants for p in vp], config.num_hidden_layers)
+    measure_step.run(make_means_step(config, dtype, every), params,
+                     enumerate(data.iter_batches(corpus, plan, pad)), mmacc)
+    means, massive_counts = mmacc.means(), mmacc.counts
     timings['means_s'] = time.perf_counter() - t0
 
   tables = [edit_tables(p, config.num_hidden_layers, config.hidden_size, means) for _, p in variants]
@@ -252,8 +403,8 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
   values = jnp.asarray(np.stack([v for _, v in tables]), dtype)
   tokenizer = data.Tokenizer.maybe(mopts.tokenizer_source)
   table = anatomy.TokenTable.build(config.vocab_size, tokenizer, anatomy.bos_token_id(opts.model_path, tokenizer))
-  acc = next_token.EvalAccumulator(len(variants), table)
-  step = make_eval_step(config, dtype)
+  acc = EvalAccumulator(len(variants), table, config)
+  step = make_eval_step(config, dtype, massive_only=opts.mode in MASSIVE_MODES)
   t0 = time.perf_counter()
   measure_step.run(lambda p, i, v: step(p, i, v, masks, values), params,
               enumerate(data.iter_batches(corpus, plan, pad)), acc)
@@ -263,10 +414,20 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
   base = next_token.base_summary(acc)
   out_variants = []
   for v, (name, vpairs) in enumerate(variants):
+    channels = []
+    for l, c in vpairs:
+      e = {'layer': l, 'channel': c,
+           # What replaced the channel: 0, its mean, or the mean of its massive values (None when it
+           # had none: nothing replaced).
+           'value': (None if np.isnan(means[l, c]) else float(means[l, c])) if means is not None else 0.0,
+           'replaced': int(acc.replaced[v, l, c])}
+      if massive_counts is not None:
+        e['massive_values'] = int(massive_counts[l, c])  # in the unmodified model, over the corpus
+      channels.append(e)
     out_variants.append({
         'name': name,
-        'channels': [{'layer': l, 'channel': c,
-                      'value': float(means[l, c]) if means is not None else 0.0} for l, c in vpairs],
+        'channels': channels,
+        'replaced': int(sum(e['replaced'] for e in channels)),
         **next_token.variant_summary(acc, v, base, describe),
     })
   name = results.model_name_of(opts.model_path)
@@ -274,6 +435,7 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
       'model_name': name,
       'model_path': opts.model_path,
       'mode': opts.mode,
+      'mode_meaning': MODE_MEANING[opts.mode],
       'channels': [f'{l}:{c}' for l, c in pairs],
       'data_path': opts.data_path or 'builtin',
       'num_samples': len(corpus.samples),
@@ -284,6 +446,7 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
       'base': base,
       'variants': out_variants,
       'kl': 'KL(base || variant) of the next-token distributions, nats per predicted position',
+      'replaced': '(token, channel) elements of the valid tokens replaced, over every chosen layer',
       'classes': 'by the class of the predicting token (see maxact_jax.anatomy.CLASSES)',
       'run': {'weights': converters.weights_info(opts.model_path), **{k: round(v, 3) for k, v in timings.items()}},
   }
@@ -301,12 +464,18 @@ def summary_lines(doc: dict) -> list[str]:
   base = doc['base']
   lines = [f'{doc["model_name"]}: {doc["mode"]} channels {", ".join(doc["channels"])} on '
            f'{doc["num_samples"]} samples ({doc["predicted_positions"]:,} predicted positions, {doc["dtype"]})',
-           f'{"":<12} {"loss":>9} {"ppl":>10} {"Δloss":>10} {"KL mean":>10} {"KL max":>10} {"top-1 kept":>10}',
+           f'  {doc["mode"]}: {MODE_MEANING[doc["mode"]]}',
+           f'{"":<12} {"loss":>9} {"ppl":>10} {"Δloss":>10} {"KL mean":>10} {"KL max":>10} {"top-1 kept":>10} '
+           f'{"replaced":>10}',
            f'{"unmodified":<12} {_fmt(base["loss"]):>9} {_fmt(base["perplexity"]):>10}']
   for v in doc['variants']:
     lines.append(f'{v["name"]:<12} {_fmt(v["loss"]):>9} {_fmt(v["perplexity"]):>10} '
                  f'{_fmt(v["delta_loss"], "+.3g"):>10} {_fmt(v["kl_mean"], ".3g"):>10} {_fmt(v["kl_max"], ".3g"):>10} '
-                 f'{_fmt(v["top1_agreement"], ".1%"):>10}')
+                 f'{_fmt(v["top1_agreement"], ".1%"):>10} {v["replaced"]:>10,}')
+  if doc['mode'] in MASSIVE_MODES:
+    lines.append('  massive values replaced per channel: ' + ', '.join(
+        f'{c["layer"]}:{c["channel"]} {c["replaced"]:,}' + (f' (by {c["value"]:.6g})' if c.get('value') else '')
+        for c in doc['variants'][0]['channels']))
   for v in doc['variants'][1:]:
     lines.append(f'  {v["name"]}: ' + ', '.join(f'{c["layer"]}:{c["channel"]}' for c in v['channels']))
   return lines

@@ -146,7 +146,9 @@ def measure(opts: MeasureOptions) -> Measurement:
   if opts.resume:
     start, acc.taps, extra = runstate.load(state_file, fingerprint)
     acc.batches, acc.tokens = start, int(extra.get('tokens', 0))
-    acc.attribution = anatomy.TokenAttribution.from_state(extra.get('attribution', {}))
+    saved = extra.get('attributions', {})
+    acc.attributions = {rule: anatomy.TokenAttribution.from_state(saved.get(rule, {}))
+                        for rule in anatomy.TOKEN_RULES}
   timings['data_s'] = time.perf_counter() - t0
   layout = resolve_layout(opts.parallelism, opts.mesh_shape, config, DTYPES[opts.dtype], opts.batch_size,
                                   int(max(plan.lengths)))
@@ -170,7 +172,8 @@ def measure(opts: MeasureOptions) -> Measurement:
     done = index + 1
     if writer and opts.checkpoint_every and done % opts.checkpoint_every == 0 and done < len(plan.groups):
       runstate.save(state_file, fingerprint_=fingerprint, next_batch=done, taps=acc.taps,
-                    extra={'tokens': acc.tokens, 'attribution': acc.attribution.state()})
+                    extra={'tokens': acc.tokens,
+                           'attributions': {r: a.state() for r, a in acc.attributions.items()}})
 
   bar = _progress(corpus.num_tokens, name, initial=acc.tokens) if opts.progress and writer else None
   t0 = time.perf_counter()
@@ -213,7 +216,7 @@ def measure(opts: MeasureOptions) -> Measurement:
   if writer:  # every process holds the same merged statistics; one writes them
     paths = results.write_documents(opts.output_dir, name, doc, top_doc)
     table = anatomy.TokenTable.build(config.vocab_size, tokenizer, anatomy.bos_token_id(opts.model_path, tokenizer))
-    anatomy_paths = anatomy.write_measure_outputs(opts.output_dir, doc, acc.taps, acc.attribution, corpus, table)
+    anatomy_paths = anatomy.write_measure_outputs(opts.output_dir, doc, acc.taps, acc.attributions, corpus, table)
     if os.path.exists(state_file):
       os.remove(state_file)  # the results are complete: nothing left to resume
   return Measurement(config, acc, corpus, plan, doc, top_doc, paths, timings, anatomy_paths)
@@ -225,16 +228,25 @@ def _progress(total: int, name: str, initial: int = 0):
 
 
 def layer_table(doc: dict) -> str:
-  """The per-layer residual-stream table printed after a run."""
+  """The per-layer residual-stream table printed after a run.
+
+  The peak token's max |x| against two medians, the two rules of Sun et al.'s criterion:
+  its own median |x| (`/token med`, the reference's sun_peak_token_ratio) and the median |x|
+  of the layer output of its sequence (`/layer med`, layer_median_peak_ratio); then how many
+  tokens pass each rule (> 100 and > 1000x that median).
+  """
   per = doc['per_layer_stats']
-  lines = [f'{"layer":>5} {"rms":>10} {"abs_mean":>10} {"max":>12} {"min":>12} {"max|x|/median":>14}']
+  lines = [f'{"layer":>5} {"rms":>10} {"abs_mean":>10} {"max":>12} {"min":>12} {"peak/token med":>14} '
+           f'{"peak/layer med":>14} {"pass token":>10} {"pass layer":>10}']
+  nan = float('nan')
+  count = lambda v: f'{int(v):,}' if isinstance(v, (int, float)) else '—'
   for i in range(doc['num_hidden_layers']):
     s = per.get(f'layer_{i}_hidden')
     if not s:
       continue
-    ratio = s.get('sun_peak_token_ratio', float('nan'))
     lines.append(f'{i:>5} {s["rms"]:>10.4g} {s["abs_mean"]:>10.4g} {s["max"]:>12.6g} {s["min"]:>12.6g} '
-                 f'{ratio:>14.4g}')
+                 f'{s.get("sun_peak_token_ratio", nan):>14.4g} {s.get("layer_median_peak_ratio", nan):>14.4g} '
+                 f'{count(s.get("sun_n_pass")):>10} {count(s.get("layer_median_n_pass")):>10}')
   return '\n'.join(lines)
 
 

@@ -51,18 +51,19 @@ def make_forward(config: ModelConfig, dtype: Any) -> Callable:
 
 class Accumulator:
   """Host-side merge of per-batch partials into one TapStats per tap, and the
-  residual stream's per-token flags into the token attribution."""
+  residual stream's per-token flags into the token attribution of each rule."""
 
   def __init__(self, config: ModelConfig):
     self.config = config
     self.taps: dict[str, stats.TapStats] = {}
-    self.attribution = anatomy.TokenAttribution()
+    self.attributions = anatomy.new_attributions()  # one per rule (anatomy.TOKEN_RULES)
     self.batches = 0
     self.tokens = 0
 
   def add(self, sown: Any, batch: data.Batch) -> None:
     partials = capture.collect(self.config, jax.device_get(sown))
-    self.attribution.add(anatomy.take_flags(partials), batch.input_ids, batch.valid)
+    for rule, flags in anatomy.take_flags(partials).items():
+      self.attributions[rule].add(flags, batch.input_ids, batch.valid)
     n_tokens = batch.num_tokens
     for name, partial in partials.items():
       tap = self.taps.get(name)

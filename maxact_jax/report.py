@@ -330,8 +330,12 @@ def model_entry(data: Mapping[str, Any], path: Path, results_dir: Path) -> dict[
     if v is not None and v > peaks.get(comp, -1.0):
       peaks[comp] = v
 
-  sun = [(t, e.get('sun_n_pass')) for t, e in pls.items()
-         if t.endswith('_hidden') and isinstance(e.get('sun_n_pass'), (int, float))]
+  # Residual layers with a token flagged: `sun_pass` by the reference's per-token rule (sun_n_pass),
+  # `layer_median_pass` by the layer-median rule of Sun et al.'s code (our files only; None otherwise).
+  def passing(key):
+    return [(t, e.get(key)) for t, e in pls.items() if t.endswith('_hidden') and isinstance(e.get(key), (int, float))]
+
+  sun, lm = passing('sun_n_pass'), passing('layer_median_n_pass')
   total, active, params_source = _params(data, name)
   return {
       'model_name': name,
@@ -358,6 +362,8 @@ def model_entry(data: Mapping[str, Any], path: Path, results_dir: Path) -> dict[
       'extra_layers': extra,
       'sun_pass': (any(n >= 1 for _, n in sun) if sun else None),
       'sun_pass_layers': sum(1 for _, n in sun if n >= 1),
+      'layer_median_pass': (any(n >= 1 for _, n in lm) if lm else None),
+      'layer_median_pass_layers': sum(1 for _, n in lm if n >= 1),
       'files': {
           'activation_stats': str(path.relative_to(results_dir)),
           'top5_stats': None,
@@ -585,7 +591,6 @@ def anatomy_entry(path: Path, results_dir: Path) -> dict[str, Any] | None:
     raise UserError(f'{apath}: expected a JSON object at the top level')
   rel = lambda p: str(p.relative_to(results_dir)) if p.is_file() else None
   oc = a.get('outlier_channels') or {}
-  ta = a.get('token_attribution') or {}
   channels = oc.get('channels') or []
   return {
       'file': rel(apath),
@@ -597,15 +602,23 @@ def anatomy_entry(path: Path, results_dir: Path) -> dict[str, Any] | None:
       'num_layers': oc.get('num_layers'),
       'n_outlier_channels': len(channels),
       'outlier_channels': channels[:N_ANATOMY_CHANNELS],
-      'tokens': {
-          'flagged': ta.get('flagged_tokens'),
-          'total': ta.get('tokens'),
-          'classes': {c: {'flagged': v.get('flagged'), 'total': v.get('total')}
-                      for c, v in (ta.get('classes') or {}).items()},
-          'top_token_ids': (ta.get('top_token_ids') or [])[:N_ANATOMY_TOKENS],
-      } if ta else None,
+      # The token attribution under each rule the file holds, the attribution's own rule first
+      # (files written before the layer-median rule hold only the per-token rule).
+      'tokens': [_tokens_entry(a[key]) for key in anatomy.ATTRIBUTION_KEYS.values() if a.get(key)],
       'layerwise': a.get('layerwise'),
       'surface': a.get('surface'),
+  }
+
+
+def _tokens_entry(ta: Mapping[str, Any]) -> dict[str, Any]:
+  return {
+      'rule': anatomy.attribution_rule(ta),
+      'rule_label': anatomy.RULE_LABELS[anatomy.attribution_rule(ta)],
+      'flagged': ta.get('flagged_tokens'),
+      'total': ta.get('tokens'),
+      'classes': {c: {'flagged': v.get('flagged'), 'total': v.get('total')}
+                  for c, v in (ta.get('classes') or {}).items()},
+      'top_token_ids': (ta.get('top_token_ids') or [])[:N_ANATOMY_TOKENS],
   }
 
 

@@ -100,11 +100,12 @@ def _anatomy_sections(summary: Mapping[str, Any], plot_files: Sequence[str]) -> 
           [[str(c['channel']), f'{c["layers_over"]} ({c["share_of_layers"]:.0%})', f'L{c["first_layer"]}',
             f'L{c["last_layer"]}', '—' if c['disappears_at'] is None else f'L{c["disappears_at"]}',
             fmt_value(c['peak_abs']), f'L{c["peak_layer"]}'] for c in a['outlier_channels']]))
-    t = a.get('tokens')
-    if t and t.get('total'):
+    for t in a.get('tokens') or []:
+      if not t.get('total'):
+        continue
       classes = ', '.join(f'{c} {v["flagged"]:,} of {v["total"]:,}' for c, v in t['classes'].items() if v['total'])
-      text = (f'Tokens with a massive activation (Sun et al.: max |x| > 100 and > 1000x the token\'s median) in '
-              f'at least one layer: {t["flagged"]:,} of {t["total"]:,}; by class: {classes}.')
+      text = (f'Tokens with a massive activation in at least one layer, {t["rule_label"]}: {t["flagged"]:,} of '
+              f'{t["total"]:,}; by class: {classes}.')
       if t['top_token_ids']:
         text += ' Most often: ' + ', '.join(f'`{e["token"]!r}` ({e["flagged"]:,} of {e["occurrences"]:,})'
                                              if e.get('token') is not None else f'id {e["token_id"]} ({e["flagged"]:,})'

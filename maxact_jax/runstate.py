@@ -24,7 +24,8 @@ from maxact_jax import atomic, gguf_file, stats
 from maxact_jax.errors import UserError
 
 # 2: the residual stream's per-channel maxima and the token attribution (maxact_jax.anatomy).
-FORMAT = 2
+# 3: the token attribution under both rules (layer-median and per-token), the layer-median state.
+FORMAT = 3
 
 
 def file_digest(path: str, limit: int | None = None) -> str:

@@ -15,8 +15,18 @@ The contract (the design notes of the README) follows the reference pipeline exa
 Beyond the reference: the location (sample, position, channel) of every
 extreme and top-K entry, and NaN/Inf counts; with `anatomy=True` (the
 residual stream in `measure`) also the max |x| of every channel over the
-batch and Sun's per-token flag (max > 100 and ratio > 1000) of every token,
-for `maxact_jax.anatomy`. NaNs never enter a maximum or a sum; +-inf (a
+batch and, for `maxact_jax.anatomy`, two flags per token, one per rule:
+
+- the reference's per-token rule (`sun_tok`, counted by `sun_n_pass`): the
+  token's max |x| > 100 and > 1000x the token's OWN median |x| over D;
+- the layer-median rule of Sun et al.'s code (`layer_median_tok`, counted
+  by `layer_median_n_pass`): the token's max |x| > 100 and > 1000x the
+  median |x| of the whole layer output of the token's sequence (all its
+  valid tokens and channels; `sequence_median`). Their code takes
+  torch.median of |x| over the layer output of one sequence; a per-sequence
+  median is exact, independent of how sequences are batched, and merges as
+  the counts do. A token whose whole state is large (the first token of a
+  trained llama) passes this rule and fails the per-token one. NaNs never enter a maximum or a sum; +-inf (a
 bf16 overflow, say) does enter the maximum and is counted.
 
 Ties are broken by the smallest (sample, position, channel), so the merge is
@@ -48,7 +58,8 @@ ACTIVATION_SUFFIXES = ('_hidden', '_attn_output', '_mlp_output')
 ACTIVATION_NAMES = ('embedding_output', 'final_layernorm')
 
 # What `tap_partial(..., anatomy=True)` adds to a partial.
-ANATOMY_KEYS = ('chan_absmax', 'sun_tok')
+ANATOMY_KEYS = ('chan_absmax', 'sun_tok', 'layer_median_tok', 'layer_median_n_pass', 'layer_median_seq_sum',
+                'layer_median_n_seq', 'layer_median_peak')
 
 # Sample index given to coordinates that point at nothing (empty state).
 NO_SAMPLE = np.iinfo(np.int64).max
@@ -77,8 +88,14 @@ def tap_partial(x: jax.Array, valid: jax.Array, *, full: bool, top_k: int = TOP_
     valid: [B, T] bool, False on padding.
     full: also compute the Sun ratios, histogram and top-K (activation taps).
     anatomy: with `full`, also `chan_absmax` [F] (max |x| of each channel over
-      the valid tokens, NaN left out; 0 for an empty batch) and `sun_tok`
-      [B, T] bool (the tokens that pass Sun's criterion, counted by `sun_n_pass`).
+      the valid tokens, NaN left out; 0 for an empty batch), `sun_tok`
+      [B, T] bool (the tokens that pass the reference's per-token rule,
+      counted by `sun_n_pass`) and the layer-median rule's fields:
+      `layer_median_tok` [B, T] bool and `layer_median_n_pass` [B] (the
+      tokens that pass it), `layer_median_seq_sum` [B] float32 and
+      `layer_median_n_seq` [B] int32 (each row's median |x| and whether the
+      row holds a token, to average the medians over sequences) and
+      `layer_median_peak` (the median of the row holding the `sun_peak` token).
 
   Returns arrays whose leading axis is B for additive quantities (summed on the
   host in float64) and small fixed-size arrays for extremes, with coordinates
@@ -176,14 +193,16 @@ def lower_median(a: jax.Array) -> jax.Array:
   return jax.lax.map(_bitwise_median, rows.reshape(-1, per, d)).reshape(-1)[:n].reshape(lead)
 
 
-def _bitwise_median(a: jax.Array) -> jax.Array:
-  k = (a.shape[-1] - 1) // 2
+def _bitwise_median(a: jax.Array, k=None, count_dtype=jnp.float32) -> jax.Array:
+  """The k-th smallest (0-based; default the lower median's rank) along the last axis, a >= 0;
+  k may be an array over the leading axes."""
+  k = (a.shape[-1] - 1) // 2 if k is None else k
 
   def step(i, prefix):
     cand = prefix | jnp.left_shift(jnp.int32(1), 30 - i)
     # Compare as floats and count in float32 (exact below 2**24 channels): XLA:CPU
     # vectorises this better than int32 compares and sums.
-    below = (a < jax.lax.bitcast_convert_type(cand, jnp.float32)[..., None]).sum(axis=-1, dtype=jnp.float32)
+    below = (a < jax.lax.bitcast_convert_type(cand, jnp.float32)[..., None]).sum(axis=-1, dtype=count_dtype)
     return jnp.where(below <= k, cand, prefix)
 
   prefix = jax.lax.fori_loop(0, 31, step, jnp.zeros(a.shape[:-1], jnp.int32))
@@ -191,6 +210,33 @@ def _bitwise_median(a: jax.Array) -> jax.Array:
   # subnormal bit pattern: below the smallest normal the answer is 0.
   normal = jnp.int32(np.float32(TINY).view(np.int32))
   return jnp.where(prefix < normal, 0.0, jax.lax.bitcast_convert_type(prefix, jnp.float32))
+
+
+def massive(a: jax.Array, median: jax.Array) -> jax.Array:
+  """Sun et al.'s criterion: |x| > SUN_T_VAL and > SUN_T_RATIO x the median it is compared with
+  (the ratio taken as `tap_partial` takes it, over max(median, float32 tiny))."""
+  return (a > SUN_T_VAL) & (a / jnp.maximum(median, TINY) > SUN_T_RATIO)
+
+
+def sequence_median(a: jax.Array, valid: jax.Array) -> jax.Array:
+  """[B, T, D] |x| (no NaN), valid [B, T] -> [B]: each row's lower median of |x| over its
+  valid tokens and all channels (torch.median over the layer output of one sequence, as
+  Sun et al.'s code takes it); 0 for a row without a valid token.
+
+  The bit-by-bit search of `lower_median`, with padding as +inf (above every
+  candidate) and each row's own rank. Counts are float32 (exact) below 2**24
+  elements per row, int32 above. On CPU a large tap is searched a row at a
+  time, for the reason `lower_median` slices.
+  """
+  b = a.shape[0]
+  rows = jnp.where(valid[:, :, None], a.astype(jnp.float32), jnp.inf).reshape(b, -1)
+  n = valid.sum(axis=1, dtype=jnp.int32) * a.shape[-1]
+  count_dtype = jnp.float32 if rows.shape[1] < 2**24 else jnp.int32
+  if jax.default_backend() == 'cpu' and rows.size > MEDIAN_SLICE:
+    med = jax.lax.map(lambda rk: _bitwise_median(rk[0][None], (rk[1][None] - 1) // 2, count_dtype)[0], (rows, n))
+  else:
+    med = _bitwise_median(rows, (n - 1) // 2, count_dtype)
+  return jnp.where(n > 0, med, 0.0)
 
 
 def row_histogram(idx: jax.Array, mask: jax.Array, bins: int) -> jax.Array:
@@ -245,6 +291,14 @@ def _activation_partial(x, valid, tok_abs, top_k, anatomy, clean, nan_rows):
   if anatomy:
     out['sun_tok'] = sun_tok
     out['chan_absmax'] = jnp.where(valid[:, :, None], a, 0.0).max(axis=(0, 1))  # [F]
+    seq_med = sequence_median(a, valid)  # [B]
+    lm_tok = valid & massive(tok_abs, seq_med[:, None])  # [B, T]
+    has = valid.any(axis=1)
+    out['layer_median_tok'] = lm_tok
+    out['layer_median_n_pass'] = lm_tok.sum(axis=1, dtype=jnp.int32)
+    out['layer_median_seq_sum'] = jnp.where(has, seq_med, 0.0)
+    out['layer_median_n_seq'] = has.astype(jnp.int32)
+    out['layer_median_peak'] = seq_med[out['sun_peak_at'][0]]
   r = jnp.where(valid, ratio, 0.0)
   out['sun_sum_ratio'] = r.sum(axis=1)
   out['sun_sum_ratio_sq'] = (r * r).sum(axis=1)
@@ -276,7 +330,8 @@ def _activation_partial(x, valid, tok_abs, top_k, anatomy, clean, nan_rows):
 
 # Partial fields with a leading batch-row axis, summed on the host.
 ADDITIVE_FIELDS = ('count', 'sum', 'sum_sq', 'abs_sum', 'nan', 'posinf', 'neginf', 'sun_n_pass',
-                   'sun_sum_ratio', 'sun_sum_ratio_sq', 'hist', 'hist_zero', 'hist_count')
+                   'sun_sum_ratio', 'sun_sum_ratio_sq', 'hist', 'hist_zero', 'hist_count', 'layer_median_n_pass',
+                   'layer_median_seq_sum', 'layer_median_n_seq')
 
 
 def combine_across(partial: dict[str, jax.Array], axis_name: str, top_k: int = TOP_K) -> dict[str, jax.Array]:
@@ -311,7 +366,8 @@ def combine_across(partial: dict[str, jax.Array], axis_name: str, top_k: int = T
 
   out = {k: jax.lax.all_gather(partial[k], axis_name, tiled=True) for k in ADDITIVE_FIELDS if k in partial}
   if 'sun_tok' in partial:  # anatomy extras: per-row token flags, per-channel maxima
-    out['sun_tok'] = jax.lax.all_gather(partial['sun_tok'], axis_name, tiled=True)
+    for key in ('sun_tok', 'layer_median_tok'):
+      out[key] = jax.lax.all_gather(partial[key], axis_name, tiled=True)
     out['chan_absmax'] = jax.lax.pmax(partial['chan_absmax'], axis_name)
   for name, sign in (('max', 1.0), ('min', -1.0)):
     out[name], out[f'{name}_at'] = first_best(partial[name] * sign, partial[name], shift(partial[f'{name}_at']))
@@ -319,6 +375,8 @@ def combine_across(partial: dict[str, jax.Array], axis_name: str, top_k: int = T
     if f'{name}_at' not in partial:
       continue
     fields = [f'{name}_abs', f'{name}_median', f'{name}_ratio']
+    if name == 'sun_peak' and 'layer_median_peak' in partial:
+      fields.append('layer_median_peak')  # the median of the peak token's row goes with it
     picked = first_best(partial[f'{name}_{key}'], *(partial[f] for f in fields), shift(partial[f'{name}_at']))
     out.update(zip(fields + [f'{name}_at'], picked))
   if 'topk_abs' in partial:
@@ -340,6 +398,10 @@ class TapStats:
   # max |x| per channel ([F] float32, max-merged) when the partials carry
   # `chan_absmax`; a class default, so states saved before it existed load.
   chan_absmax: np.ndarray | None = None
+  # The layer-median rule's state when the partials carry it (anatomy): tokens
+  # passing, the sum and count of the per-sequence medians, and the peak token
+  # (abs, the median of its sequence, (sample, position)), taken as `sun_peak`.
+  layer_median: dict[str, Any] | None = None
 
   def __init__(self, full: bool, top_k: int = TOP_K):
     self.full = full
@@ -405,6 +467,14 @@ class TapStats:
               (int(sample_ids[at[0]]), int(at[1])))
       self._take_sun(name, cand)
     self.sun_n_pass += int(p['sun_n_pass'].sum())
+    if 'layer_median_n_pass' in p:
+      at = p['sun_peak_at']
+      self._take_layer_median({
+          'n_pass': int(p['layer_median_n_pass'].sum()),
+          'seq_sum': float(p['layer_median_seq_sum'].astype(np.float64).sum()),
+          'n_seq': int(p['layer_median_n_seq'].sum()),
+          'peak': (float(p['sun_peak_abs']), float(p['layer_median_peak']), (int(sample_ids[at[0]]), int(at[1]))),
+      })
     self.sun_sum_ratio += float(p['sun_sum_ratio'].astype(np.float64).sum())
     self.sun_sum_ratio_sq += float(p['sun_sum_ratio_sq'].astype(np.float64).sum())
     self.hist += p['hist'].astype(np.int64).sum(axis=0)
@@ -431,6 +501,15 @@ class TapStats:
     if cand[key] > cur[key] or (cand[key] == cur[key] and cand[3] < cur[3]):
       self.sun[name] = cand
 
+  def _take_layer_median(self, other: dict[str, Any]) -> None:
+    cur = self.layer_median
+    if cur is None:
+      self.layer_median = dict(other)
+      return
+    peak, cand = cur['peak'], other['peak']
+    self.layer_median = {k: cur[k] + other[k] for k in ('n_pass', 'seq_sum', 'n_seq')}
+    self.layer_median['peak'] = cand if cand[0] > peak[0] or (cand[0] == peak[0] and cand[2] < peak[2]) else peak
+
   def _take_topk(self, abs_vals, signed, at) -> None:
     abs_all = np.concatenate([self.topk_abs, abs_vals])
     signed_all = np.concatenate([self.topk_signed, signed])
@@ -451,6 +530,8 @@ class TapStats:
       self.n_tokens += other.n_tokens
       for name in self.sun:
         self._take_sun(name, other.sun[name])
+      if other.layer_median is not None:
+        self._take_layer_median(other.layer_median)
       for name in ('sun_n_pass', 'sun_sum_ratio', 'sun_sum_ratio_sq', 'hist', 'hist_zero', 'hist_count'):
         setattr(self, name, getattr(self, name) + getattr(other, name))
       self._take_topk(other.topk_abs, other.topk_signed, other.topk_at)
@@ -500,6 +581,16 @@ class TapStats:
         'sun_t_val': SUN_T_VAL,
         'sun_t_ratio': SUN_T_RATIO,
     })
+    lm = self.layer_median
+    if lm is not None:  # beyond the reference: the layer-median rule (module docstring)
+      lm_abs, lm_med, _ = lm['peak']
+      out.update({
+          'layer_median_n_pass': lm['n_pass'],
+          'layer_median_peak_median': lm_med,
+          'layer_median_peak_ratio': lm_abs / lm_med if lm_med > 0 else 0.0,
+          'layer_median_seq_mean': lm['seq_sum'] / lm['n_seq'] if lm['n_seq'] else 0.0,
+          'layer_median_n_seq': lm['n_seq'],
+      })
     if self.hist_count > 0:
       out.update({
           'abs_median': self.quantile(0.5),

@@ -107,13 +107,17 @@ def test_every_location_points_at_the_planted_outlier(measured):
   assert an['outlier_channels']['channels_over_per_layer'] == [0, 1, 1]
   peaks = {p['layer']: p for p in an['residual_peaks']}
   assert located(peaks[1]) == WANT and located(peaks[2]) == WANT
-  ta = an['token_attribution']
-  assert ta['flagged_tokens'] == 1 and ta['tokens'] == sum(LENGTHS)
-  (top,) = ta['top_token_ids']
-  assert (top['token_id'], top['flagged'], top['occurrences']) == (TRIGGER, 1, 1)
-  assert ta['top_positions'] == [{'position': POSITION, 'flagged': 1}]
-  assert ta['per_layer']['flagged'] == [0, 1, 1] and ta['layers_flagged'] == {'2': 1}
-  assert ta['classes']['other']['flagged'] == 1 and ta['classes']['first']['total'] == len(LENGTHS)
+  # Both token rules find the trigger and nothing else: its state is one massive channel over ~0.03,
+  # far above its own median and the median of its sequence's layer output alike.
+  assert an['token_attribution']['criterion']['name'] == 'layer_median'
+  assert an['token_attribution_token_median']['criterion']['name'] == 'token_median'
+  for ta in (an['token_attribution'], an['token_attribution_token_median']):
+    assert ta['flagged_tokens'] == 1 and ta['tokens'] == sum(LENGTHS)
+    (top,) = ta['top_token_ids']
+    assert (top['token_id'], top['flagged'], top['occurrences']) == (TRIGGER, 1, 1)
+    assert ta['top_positions'] == [{'position': POSITION, 'flagged': 1}]
+    assert ta['per_layer']['flagged'] == [0, 1, 1] and ta['layers_flagged'] == {'2': 1}
+    assert ta['classes']['other']['flagged'] == 1 and ta['classes']['first']['total'] == len(LENGTHS)
   lw = an['layerwise']
   assert lw['top1_channel'][1:] == [CHANNEL, CHANNEL] and lw['top1'][1] > 200 * lw['top2'][1]
 
@@ -124,12 +128,52 @@ def test_every_location_points_at_the_planted_outlier(measured):
   assert anatomy.outlier_channels([0, 1, 2], absmax, medians, anatomy.ChannelRule(min_layer_share=1.0))['channels'] == []
 
 
+def test_layer_median_fields_match_torch_median_of_each_sequence(planted, measured):
+  """The layer-median rule's figures against torch.median over each sample's layer output, the
+  computation of Sun et al.'s code, one sample at a time through transformers."""
+  import torch
+  import transformers
+  ckpt, corpus_a, _, _ = planted
+  m, _ = measured
+  samples = [json.loads(line)['input_ids'] for line in open(corpus_a)]
+  model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+  want = {layer: {'n_pass': 0, 'medians': [], 'peak': (-1.0, None)} for layer in range(3)}
+  outputs = {}
+  for layer in range(3):  # hooks: transformers' last hidden_states entry has the final norm applied
+    model.model.layers[layer].register_forward_hook(
+        lambda module, args, out, layer=layer: outputs.__setitem__(layer, out[0] if isinstance(out, tuple) else out))
+  with torch.no_grad():
+    for s in samples:
+      model(input_ids=torch.tensor([s]))
+      for layer in range(3):
+        a = outputs[layer][0].abs()  # [T, D], the output of decoder layer `layer`
+        med = float(a.median())  # torch's lower median over the whole sequence's layer output
+        tok = a.amax(dim=-1)
+        w = want[layer]
+        w['n_pass'] += int(((tok > 100) & (tok / med > 1000)).sum())
+        w['medians'].append(med)
+        if float(tok.max()) > w['peak'][0]:
+          w['peak'] = (float(tok.max()), med)
+  for layer in range(3):
+    got, w = m.doc['per_layer_stats'][f'layer_{layer}_hidden'], want[layer]
+    assert got['layer_median_n_pass'] == w['n_pass'] == (1 if layer else 0)
+    assert got['layer_median_n_seq'] == len(samples)
+    assert got['layer_median_seq_mean'] == pytest.approx(np.mean(w['medians']), rel=1e-5)
+    assert got['layer_median_peak_median'] == pytest.approx(w['peak'][1], rel=1e-5)
+    assert got['layer_median_peak_ratio'] == pytest.approx(w['peak'][0] / w['peak'][1], rel=1e-4)
+    assert got['sun_n_pass'] == (1 if layer else 0)  # the reference's field, unchanged
+
+
 def test_anatomy_command_surface_views_and_report(measured, capsys, tmp_path):
   m, out = measured
   model_path = m.doc['model_path']
   assert cli.main(['maxact-jax', 'anatomy', f'--model_path={model_path}', f'--output_dir={out}']) == 0
   printed = capsys.readouterr().out
   assert f'outlier channels' in printed and f'{CHANNEL} (layers 1-2' in printed
+  # Both token rules, each named: the attribution's layer-median rule first, the reference's beside it.
+  rules = [line for line in printed.splitlines() if line.startswith('tokens with a massive activation')]
+  assert len(rules) == 2 and 'layer-median rule' in rules[0] and 'per-token rule' in rules[1], rules
+  assert all(f': 1 of {sum(LENGTHS)};' in line for line in rules)
   an = json.load(open(os.path.join(out, 'json', 'planted_anatomy.json')))
   # The global maximum sits in layer 1's MLP output; the surface shows the largest residual peak's layer.
   s = an['surface']
@@ -160,6 +204,7 @@ def test_anatomy_command_surface_views_and_report(measured, capsys, tmp_path):
   assert cli.main(['maxact-jax', 'report', f'--results_dir={out}', f'--output_dir={rep}']) == 0
   md = (rep / 'report.md').read_text()
   assert '## Outlier anatomy: planted' in md and f'| {CHANNEL} | 2 (67%) | L1 | L2 | — |' in md
+  assert 'in at least one layer, layer-median rule (Sun et al.' in md and 'in at least one layer, per-token rule' in md
   for view in ('layerwise', 'channels', 'surface'):
     assert f'![planted: {view}](anatomy_planted_{view}.png)' in md
     assert (rep / f'anatomy_planted_{view}.png').stat().st_size > 10_000
@@ -167,13 +212,24 @@ def test_anatomy_command_surface_views_and_report(measured, capsys, tmp_path):
   assert summary['models'][0]['anatomy']['outlier_channels'][0]['channel'] == CHANNEL
 
 
-def torch_losses(ckpt: str, samples: list[list[int]], replace: float | None):
-  """transformers with a forward hook on decoder layer LAYER setting channel CHANNEL to `replace`:
-  (mean next-token loss, mean KL(base || replaced), share of unchanged argmax), or the base loss."""
+def torch_massive(h):
+  """[B, T, D] -> [B, T] bool: where channel CHANNEL is massive by the layer-median rule, computed as
+  Sun et al.'s code does: torch.median of |x| over one sequence's whole layer output."""
+  import torch
+  med = torch.stack([row.abs().median() for row in h])  # the lower median of each sequence's [T, D]
+  a = h[..., CHANNEL].abs()
+  return (a > 100) & (a / med[:, None] > 1000)
+
+
+def torch_losses(ckpt: str, samples: list[list[int]], replace: float | None, massive_only: bool = False):
+  """transformers with a forward hook on decoder layer LAYER setting channel CHANNEL to `replace` (at
+  every position, or only where it is massive): (mean next-token loss, mean KL(base || replaced), share
+  of unchanged argmax, elements replaced), or the base loss."""
   import torch
   import transformers
   model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
   ids = torch.tensor(samples)
+  replaced = []
 
   def logprobs():
     with torch.no_grad():
@@ -181,7 +237,9 @@ def torch_losses(ckpt: str, samples: list[list[int]], replace: float | None):
 
   def hook(module, args, out):
     h = (out[0] if isinstance(out, tuple) else out).clone()
-    h[..., CHANNEL] = replace
+    where = torch_massive(h) if massive_only else torch.ones(h.shape[:2], dtype=torch.bool)
+    h[..., CHANNEL] = torch.where(where, torch.tensor(replace, dtype=h.dtype), h[..., CHANNEL])
+    replaced.append(int(where.sum()))
     return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
 
   base = logprobs()
@@ -191,7 +249,7 @@ def torch_losses(ckpt: str, samples: list[list[int]], replace: float | None):
   target = ids[:, 1:, None]
   nll = lambda lp: float(-lp.gather(-1, target).mean())
   kl = float((base.exp() * (base - edited)).sum(-1).mean())
-  return nll(base), nll(edited), kl, float((base.argmax(-1) == edited.argmax(-1)).double().mean())
+  return nll(base), nll(edited), kl, float((base.argmax(-1) == edited.argmax(-1)).double().mean()), replaced[0]
 
 
 def test_zeroing_the_planted_channel_costs_loss_a_random_one_does_not(planted, tmp_path):
@@ -201,7 +259,8 @@ def test_zeroing_the_planted_channel_costs_loss_a_random_one_does_not(planted, t
       data_path=corpus_b, batch_size=4, dtype='float32'))
   doc = r.doc
   req, *controls = doc['variants']
-  assert doc['predicted_positions'] == 12 * 39 and req['channels'] == [{'layer': 1, 'channel': 13, 'value': 0.0}]
+  assert doc['predicted_positions'] == 12 * 39
+  assert req['channels'] == [{'layer': 1, 'channel': 13, 'value': 0.0, 'replaced': 12 * 40}]
   # Figures (float32, 468 positions): base loss 4.714 (the follower is predicted after each of the 72
   # triggers); zeroing 1:13: +0.851, KL 0.851 nats, top-1 kept 62%; random channels 1:8 and 1:122:
   # -0.0001 and -0.0011, KL 2.5e-4 and 1.5e-4, top-1 kept 88% and 95% (a random-init model's flat
@@ -219,17 +278,17 @@ def test_zeroing_the_planted_channel_costs_loss_a_random_one_does_not(planted, t
   assert os.path.isfile(r.path) and json.load(open(r.path))['variants'][0]['name'] == 'requested'
 
   # The same replacement done by transformers through a forward hook.
-  base_loss, zero_loss, kl, agree = torch_losses(ckpt, samples_b, 0.0)
+  base_loss, zero_loss, kl, agree, _ = torch_losses(ckpt, samples_b, 0.0)
   assert doc['base']['loss'] == pytest.approx(base_loss, rel=1e-5)
   assert req['loss'] == pytest.approx(zero_loss, rel=1e-5)
   assert req['kl_mean'] == pytest.approx(kl, rel=1e-3)
   assert req['top1_agreement'] == pytest.approx(agree)
 
 
-def test_mean_mode_uses_the_corpus_mean_of_the_channel(planted, tmp_path):
+def test_channel_mean_mode_uses_the_corpus_mean_of_the_channel(planted, tmp_path):
   ckpt, _, corpus_b, samples_b = planted
   r = intervene.intervene(intervene.InterveneOptions(
-      model_path=ckpt, output_dir=str(tmp_path), channels=[f'{LAYER}:{CHANNEL}'], mode='mean', controls=0,
+      model_path=ckpt, output_dir=str(tmp_path), channels=[f'{LAYER}:{CHANNEL}'], mode='channel_mean', controls=0,
       data_path=corpus_b, batch_size=4, dtype='float32'))
   (req,) = r.doc['variants']
   import torch
@@ -239,8 +298,51 @@ def test_mean_mode_uses_the_corpus_mean_of_the_channel(planted, tmp_path):
     hidden = model(input_ids=torch.tensor(samples_b), output_hidden_states=True).hidden_states[LAYER + 1]
   mean = float(hidden[..., CHANNEL].double().mean())  # 6 of 40 tokens carry ~1420: the mean is ~220
   assert req['channels'][0]['value'] == pytest.approx(mean, rel=1e-5) and mean > 100
-  _, loss, kl, _ = torch_losses(ckpt, samples_b, req['channels'][0]['value'])
+  _, loss, kl, _, replaced = torch_losses(ckpt, samples_b, req['channels'][0]['value'])
   assert req['loss'] == pytest.approx(loss, rel=1e-5) and req['kl_mean'] == pytest.approx(kl, rel=1e-3)
+  assert req['replaced'] == req['channels'][0]['replaced'] == replaced == 12 * 40  # every position
+
+
+def test_massive_modes_replace_the_massive_values_where_they_occur(planted, tmp_path):
+  """Sun et al.'s experiment: the trigger's massive value in channel 13, and only it, set to the mean
+  of the massive values (the model barely notices) or to 0 (the follower is no longer predicted); both
+  against the same replacement by a transformers hook that finds the positions with torch.median."""
+  import torch
+  import transformers
+  ckpt, _, corpus_b, samples_b = planted
+  run = lambda mode, controls=0: intervene.intervene(intervene.InterveneOptions(
+      model_path=ckpt, output_dir=str(tmp_path), channels=[f'{LAYER}:{CHANNEL}'], mode=mode, controls=controls,
+      data_path=corpus_b, batch_size=4, dtype='float32')).doc
+  model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+  with torch.no_grad():
+    hidden = model(input_ids=torch.tensor(samples_b), output_hidden_states=True).hidden_states[LAYER + 1]
+  where = torch_massive(hidden)
+  triggers = torch.tensor(samples_b) == TRIGGER
+  assert torch.equal(where, triggers)  # the rule finds exactly the 72 triggers
+  mean = float(hidden[..., CHANNEL][where].double().mean())  # ~1420: they stay massive
+
+  doc = run('massive_mean', controls=1)
+  (req, control) = doc['variants']
+  assert doc['mode_meaning'] == intervene.MODE_MEANING['massive_mean']
+  (ch,) = req['channels']
+  assert ch['value'] == pytest.approx(mean, rel=1e-5) and mean > 1000
+  assert ch['massive_values'] == ch['replaced'] == req['replaced'] == 72
+  base_loss, loss, kl, agree, replaced = torch_losses(ckpt, samples_b, ch['value'], massive_only=True)
+  assert replaced == 72
+  assert doc['base']['loss'] == pytest.approx(base_loss, rel=1e-5) and req['loss'] == pytest.approx(loss, rel=1e-5)
+  assert req['kl_mean'] == pytest.approx(kl, rel=1e-3, abs=1e-7) and req['top1_agreement'] == pytest.approx(agree)
+  # The mean of the massive values leaves the model nearly as it was; a random channel has no massive
+  # value to replace.
+  assert abs(req['delta_loss']) < 0.01 and req['kl_mean'] < 0.01 and req['top1_agreement'] > 0.95
+  assert control['replaced'] == 0 and control['channels'][0]['value'] is None and control['kl_mean'] == 0
+
+  doc = run('massive_zero')
+  (req,) = doc['variants']
+  _, loss, kl, agree, replaced = torch_losses(ckpt, samples_b, 0.0, massive_only=True)
+  assert req['replaced'] == replaced == 72 and req['channels'][0]['value'] == 0.0
+  assert req['loss'] == pytest.approx(loss, rel=1e-5) and req['kl_mean'] == pytest.approx(kl, rel=1e-3)
+  assert req['top1_agreement'] == pytest.approx(agree)
+  assert req['delta_loss'] > 0.5  # as zeroing the whole channel: the massive value was what the head read
 
 
 def test_intervene_and_anatomy_refuse_bad_input(planted, capsys, tmp_path):
@@ -251,6 +353,7 @@ def test_intervene_and_anatomy_refuse_bad_input(planted, capsys, tmp_path):
       (['--channels=1-0:5'], 'runs backwards'),
       (['--channels=x'], 'is not layer:channel'),
       (['--channels=1:2', '--mode=half'], 'mode'),
+      (['--channels=1:2', '--mode=mean'], 'now channel_mean'),  # the old name, refused with both names
   ):
     code = cli.main(['maxact-jax', 'intervene', f'--model_path={ckpt}', f'--output_dir={tmp_path}', *flags])
     err = capsys.readouterr().err.strip().splitlines()
@@ -283,6 +386,50 @@ def test_channel_maxima_and_token_flags_by_hand():
   b.update({**{k: np.asarray(v) for k, v in p.items()}, 'chan_absmax': np.array([1.0, 2.0, 3.0, 900.0], np.float32)},
            np.array([2, 3]), 5)
   np.testing.assert_array_equal(a.merge(b).chan_absmax, [500.0, 90.0, 3.0, 900.0])
+
+
+def test_the_two_token_rules_by_hand():
+  """A token whose whole state is large passes the layer-median rule only; a token with one large
+  channel among tiny ones, in a sequence of ordinary ones, passes the per-token rule only."""
+  import jax
+  from maxact_jax import stats
+  x = np.zeros((2, 4, 4), np.float32)
+  # Row 0: token 0 is large everywhere: its own (lower) median is 200, ratio 2.5 -> not by the token's
+  # own median. The row's 16 values sorted: 0.1 x 8, 0.2 x 4, 150, 200, 300, 500; the lower median
+  # (the 8th) is 0.1 (the mean of the middle two would be 0.15): 500 / 0.1 = 5000 -> flagged.
+  x[0] = [[500, -200, 150, 300], [0.1] * 4, [-0.1] * 4, [0.2] * 4]
+  # Row 1, three valid tokens: token 1 is 150 among 0.01s, 15000x its own median -> flagged by the
+  # per-token rule; the row's 12 values: 0.01 x 3, 1 x 4, 2 x 4, 150: lower median 1, ratio 150 ->
+  # not by the layer median. The padding (1e4) would move that median to 2 if it counted.
+  x[1] = [[1] * 4, [150, 0.01, 0.01, -0.01], [2] * 4, [1e4] * 4]
+  valid = np.array([[True] * 4, [True, True, True, False]])
+  p = jax.jit(stats.tap_partial, static_argnames=('full', 'anatomy'))(x, valid, full=True, anatomy=True)
+  p = {k: np.asarray(v) for k, v in p.items()}
+  np.testing.assert_array_equal(p['layer_median_tok'], [[True, False, False, False], [False] * 4])
+  np.testing.assert_array_equal(p['sun_tok'], [[False] * 4, [False, True, False, False]])
+  np.testing.assert_allclose(p['layer_median_seq_sum'], [0.1, 1.0], rtol=1e-7)
+  np.testing.assert_array_equal(np.asarray(stats.sequence_median(np.abs(x), valid)), np.float32([0.1, 1.0]))
+  s = stats.TapStats(full=True)
+  s.update(p, np.array([0, 1]), 7)
+  f = s.finalize()
+  assert (f['layer_median_n_pass'], f['sun_n_pass'], f['layer_median_n_seq']) == (1, 1, 2)
+  assert f['sun_peak_abs'] == 500 and f['sun_peak_token_ratio'] == pytest.approx(2.5)
+  assert f['layer_median_peak_median'] == pytest.approx(0.1) and f['layer_median_peak_ratio'] == pytest.approx(5000)
+  assert f['layer_median_seq_mean'] == pytest.approx(0.55)
+  # Merging keeps the peak token's own sequence median with it, in either order.
+  other = stats.TapStats(full=True)
+  other.update({**p, 'sun_peak_abs': np.float32(600), 'layer_median_peak': np.float32(3.0)}, np.array([2, 3]), 7)
+  for merged in (stats.TapStats.from_state_dict(s.state_dict()).merge(other),
+                 stats.TapStats.from_state_dict(other.state_dict()).merge(s)):
+    g = merged.finalize()
+    assert (g['layer_median_n_pass'], g['layer_median_n_seq'], g['layer_median_peak_median']) == (2, 4, 3.0)
+  # The per-rule flags go to each rule's attribution.
+  flags = anatomy.take_flags({'layer_0_hidden': dict(p)})
+  assert flags['layer_median'][0].tolist() == p['layer_median_tok'].tolist()
+  assert flags['token_median'][0].tolist() == p['sun_tok'].tolist()
+  # An anatomy file written before the layer-median rule holds the per-token rule without naming it.
+  assert anatomy.attribution_rule({'criterion': {'sun_t_val': 100.0, 'sun_t_ratio': 1000.0}}) == 'token_median'
+  assert anatomy.attribution_rule({'criterion': {'name': 'layer_median'}}) == 'layer_median'
 
 
 def test_parse_and_control_channels():

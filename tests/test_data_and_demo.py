@@ -90,11 +90,14 @@ def test_demo_finds_the_planted_outlier(demo_dir, tmp_path):
   assert int(doc['global_max_location'].split('_')[1]) >= layer
   report = measure.planted_report(doc, planted)
   assert report.startswith(f'planted outlier (layer {layer}, channel {channel}') and ': found at layer' in report
-  # Only BOS carries it: Sun's per-token criterion flags every BOS and no other token (an earlier demo
-  # also fired on ~10% of ordinary tokens), and the planted channel is the one persistent outlier channel.
+  # Only BOS carries it: both of Sun's token rules (the layer-median rule of the attribution and the
+  # reference's per-token rule beside it) flag every BOS and no other token (an earlier demo also fired
+  # on ~10% of ordinary tokens), and the planted channel is the one persistent outlier channel.
   anat = json.load(open(m.anatomy_paths[1]))
-  tokens = anat['token_attribution']
-  assert tokens['classes']['bos']['flagged'] == tokens['classes']['bos']['total'] == 24
-  assert tokens['flagged_tokens'] == 24 and tokens['top_positions'] == [{'position': 0, 'flagged': 24}]
+  assert anat['token_attribution']['criterion']['name'] == 'layer_median'
+  assert anat['token_attribution_token_median']['criterion']['name'] == 'token_median'
+  for tokens in (anat['token_attribution'], anat['token_attribution_token_median']):
+    assert tokens['classes']['bos']['flagged'] == tokens['classes']['bos']['total'] == 24
+    assert tokens['flagged_tokens'] == 24 and tokens['top_positions'] == [{'position': 0, 'flagged': 24}]
   assert [(c['channel'], c['first_layer'], c['disappears_at']) for c in anat['outlier_channels']['channels']] == [
       (channel, layer, None)]

@@ -66,11 +66,14 @@ def test_kill_minus_nine_then_resume_gives_identical_statistics(checkpoint, long
   assert resumed.doc['run']['resumed_at_batch'] >= kill_after
   assert stats_of(resumed.doc) == stats_of(whole.doc)
   assert resumed.top_doc == whole.top_doc
-  # The anatomy too: per-channel maxima (saved with the tap states) and the token attribution (in the state's extra).
+  # The anatomy too: per-channel maxima (saved with the tap states) and the token attribution of each rule
+  # (in the state's extra).
   with np.load(whole.anatomy_paths[0]) as a, np.load(resumed.anatomy_paths[0]) as b:
     assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a.files)
   assert json.load(open(whole.anatomy_paths[1])) == json.load(open(resumed.anatomy_paths[1]))
-  assert resumed.acc.attribution.state() == whole.acc.attribution.state()
+  assert set(whole.acc.attributions) == {'layer_median', 'token_median'}
+  for rule, attribution in whole.acc.attributions.items():
+    assert resumed.acc.attributions[rule].state() == attribution.state(), rule
   assert not os.path.exists(state)  # a finished run leaves nothing to resume
 
 

@@ -1,6 +1,7 @@
 """`maxact-jax intervene`: replace residual channels at chosen layers; the cost in loss and KL.
 
-    maxact-jax intervene --model_path=DIR --channels=2:37 --mode=zero [--controls=1] [--data_path=F]
+    maxact-jax intervene --model_path=DIR --channels=2:37 --mode=zero|channel_mean|massive_mean|massive_zero \
+        [--controls=1] [--data_path=F]
 
 Runs the unmodified model and the intervened ones on the same batches in one
 step (the intervention goes through the capture interceptor, not a copy of
@@ -21,8 +22,10 @@ common.define_data_flags(FLAGS, max_samples=64, max_seq_len=512)
 flags.DEFINE_list('channels', None, 'Residual channels to replace, layer:channel, comma-separated; the layer '
                   'may be a range A-B (inclusive), e.g. 2:37 or 2-5:37,3:100. Layer L means the output of '
                   'decoder layer L (the layer_L_hidden tap).', flag_values=FLAGS)
-flags.DEFINE_enum('mode', 'zero', intervene.MODES, 'zero: set the channels to 0; mean: to their mean over '
-                  'the corpus under the unmodified model (one more pass).', flag_values=FLAGS)
+flags.DEFINE_string('mode', 'zero', 'What replaces the chosen channels. ' + '; '.join(
+    f'{m}: {intervene.MODE_MEANING[m]}' for m in intervene.MODES) + '. The mean modes take one more pass. '
+    '(`mean`, the old name of channel_mean, is refused with a message: it read as Sun et al.\'s experiment.)',
+    flag_values=FLAGS)
 flags.DEFINE_integer('controls', 1, 'Also replace this many sets of random channels (as many, at the same '
                      'layers, none of the requested ones), as a baseline.', flag_values=FLAGS)
 flags.DEFINE_integer('seed', 0, 'Seed of the random control channels.', flag_values=FLAGS)
