@@ -23,7 +23,7 @@ flags.DEFINE_list('schemes', list(qschemes.DEFAULT_SCHEMES),
                   'Schemes to evaluate, comma-separated: none, w<W>a<A> (W, A: 2-8 for INT, 16 for bfloat16, fp8), '
                   'w<W>, a<A>, or a preset (' + ', '.join(qschemes.PRESETS) + '), each with +modifiers: token, '
                   'tensor, static, clip<q> (activation scale), wchannel, wtensor, g<N> (weight scale), '
-                  'smooth<alpha>, rotate[<seed>] (transforms), router, attn (extra sites).', flag_values=FLAGS)
+                  'smooth<alpha>, rotate[<seed>], rotdown[<seed>] (transforms), router, attn (extra sites).', flag_values=FLAGS)
 flags.DEFINE_string('data_path', None, 'Corpus: jsonl with input_ids (the reference format) or text. '
                     'Default: the built-in corpus.', flag_values=FLAGS)
 flags.DEFINE_string('output_dir', 'runs/qeval', 'Results go to <output_dir>/json/.', flag_values=FLAGS)
