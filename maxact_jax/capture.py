@@ -18,6 +18,7 @@ Inside a scanned segment the sown values are stacked along the repeat axis;
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -76,49 +77,97 @@ Handler = Callable[[TapCall, Array], tuple[Array, Any]]
 """(tap, output) -> (output to continue with, value to sow or None)."""
 
 
-def _tap_of(module: nn.Module) -> tuple[str | None, bool]:
-  """Tap suffix of a module call and whether it sits inside a decoder layer."""
+@dataclasses.dataclass(frozen=True)
+class ModuleCall:
+  """One intercepted module call: the module, where it sits, and the layer it runs in.
+
+  `path` is the module's path relative to its decoder layer (`in_layer`) or to
+  the backbone, e.g. ('self_attn', 'o_proj') or ('norm',); None for modules
+  outside both (the language-model head).
+  """
+
+  module: nn.Module
+  path: tuple[str, ...] | None
+  in_layer: bool
+  layer_index: Array | None  # traced int32 inside a scanned layer
+
+
+CallHandler = Callable[[ModuleCall, Callable, tuple, dict], Any]
+"""(call, next_fun, args, kwargs) -> the call's output (usually next_fun(*args, **kwargs))."""
+
+
+def module_path(module: nn.Module) -> tuple[tuple[str, ...] | None, bool]:
+  """A module's path relative to its decoder layer or the backbone, and whether it is in a layer."""
   rel: list[str] = []
   m = module
   while m is not None:
     if getattr(m, 'IS_LAYER', False):
-      return LAYER_TAPS.get(tuple(reversed(rel))), True
+      return tuple(reversed(rel)), True
     if getattr(m, 'IS_BACKBONE', False):
-      return MODEL_TAPS.get(tuple(reversed(rel))), False
+      return tuple(reversed(rel)), False
     rel.append(m.name)
     m = m.parent
   return None, False
 
 
-def interceptor(handler: Handler):
-  """An `nn.intercept_methods` interceptor that routes every tap through `handler`."""
+def tap_suffix(call: ModuleCall) -> str | None:
+  """The tap a module call is (its suffix inside the layer, or its model-level name), or None."""
+  if call.path is None:
+    return None
+  return (LAYER_TAPS if call.in_layer else MODEL_TAPS).get(call.path)
+
+
+def module_interceptor(on_call: CallHandler):
+  """An `nn.intercept_methods` interceptor that hands every module `__call__` inside
+  the model to `on_call`, with the module's path and the traced layer index."""
   layer_stack: list[Array] = []
 
   def intercept(next_fun, args, kwargs, context):
     if context.method_name != '__call__':
       return next_fun(*args, **kwargs)
     module = context.module
-    is_layer = getattr(module, 'IS_LAYER', False)
-    if is_layer:
-      layer_stack.append(args[1][2])  # xs = (window, rope_index, layer_index)
-    try:
-      out = next_fun(*args, **kwargs)
-    finally:
-      if is_layer:
+    path, in_layer = module_path(module)
+    if getattr(module, 'IS_LAYER', False):
+      layer_index = args[1][2]  # xs = (window, rope_index, layer_index)
+      layer_stack.append(layer_index)
+      try:
+        return on_call(ModuleCall(module, path, in_layer, layer_index), next_fun, args, kwargs)
+      finally:
         layer_stack.pop()
-    suffix, in_layer = _tap_of(module)
+    layer_index = layer_stack[-1] if in_layer and layer_stack else None
+    return on_call(ModuleCall(module, path, in_layer, layer_index), next_fun, args, kwargs)
+
+  return intercept
+
+
+def interceptor(handler: Handler):
+  """An `nn.intercept_methods` interceptor that routes every tap through `handler`."""
+
+  def on_call(call: ModuleCall, next_fun, args, kwargs):
+    out = next_fun(*args, **kwargs)
+    suffix = tap_suffix(call)
     if suffix is None:
       return out
     value = out[0] if isinstance(out, tuple) else out
-    layer_index = args[1][2] if is_layer else (layer_stack[-1] if in_layer and layer_stack else None)
-    new_value, sown = handler(TapCall(suffix, in_layer, layer_index), value)
+    new_value, sown = handler(TapCall(suffix, call.in_layer, call.layer_index), value)
     if sown is not None:
-      module.sow(COLLECTION, suffix, sown)
+      call.module.sow(COLLECTION, suffix, sown)
     if new_value is not value:
       out = (new_value,) + tuple(out[1:]) if isinstance(out, tuple) else new_value
     return out
 
-  return intercept
+  return module_interceptor(on_call)
+
+
+_LAYER_NAME = re.compile(r'^layer_(\d+)_(.+)$')
+
+
+def split_tap(name: str) -> tuple[str, str, int | None]:
+  """A collected name: 'layer_3_hidden' -> ('layer', 'hidden', 3); 'final_layernorm' -> ('model', name, None)."""
+  m = _LAYER_NAME.match(name)
+  if m:
+    return 'layer', m.group(2), int(m.group(1))
+  return 'model', name, None
 
 
 def full_stats_for(suffix: str, in_layer: bool) -> bool:

@@ -27,6 +27,7 @@ COMMANDS = {
     'plan': ('maxact_jax.commands.plan', 'size a run from config.json: parameters, taps, memory, layout'),
     'anatomy': ('maxact_jax.commands.anatomy', 'outlier channels, the tokens that carry them, and their views'),
     'intervene': ('maxact_jax.commands.intervene', 'replace residual channels; the change in loss and KL'),
+    'qeval': ('maxact_jax.commands.qeval', 'quantize every linear layer per scheme; loss and KL against unquantized'),
 }
 EXIT_USAGE = 2
 

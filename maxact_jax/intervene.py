@@ -10,8 +10,8 @@ hidden] mask, so the layer stack stays compiled once per segment.
 variant (the requested channels, then `controls` sets of random channels of
 the same size at the same layers), and reduces on device, per predicted
 position, the next-token loss of each and the KL divergence KL(base || variant)
-of the next-token distributions, plus whether the top-1 prediction survives.
-The host merges in float64: loss and perplexity of each, the change in loss,
+of the next-token distributions, plus whether the top-1 prediction survives
+(`maxact_jax.next_token`). The host merges in float64: loss and perplexity of each, the change in loss,
 mean and max KL (with where the max sits), top-1 agreement, and the same by
 the class of the predicting token (BOS, first token, ..., see
 `maxact_jax.anatomy.CLASSES`).
@@ -48,7 +48,6 @@ variant reports how many (token, channel) elements it replaced.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 from typing import Any, Callable, Sequence
@@ -59,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import converters
-from maxact_jax import anatomy, capture, data, measure, measure_step, results, stats
+from maxact_jax import anatomy, capture, data, measure, measure_step, next_token, results, stats
 from maxact_jax.config import ModelConfig
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
@@ -86,8 +85,6 @@ RENAMED_MODES = {
              'al.\'s experiment (the massive values, where they occur, set to their mean) is massive_mean'),
 }
 INTERVENTION_SUFFIX = '_intervention.json'
-# Positions whose logits are computed at once (bounds the [B, chunk, vocab] logits).
-LOGITS_CHUNK = 256
 
 _SPEC_RE = re.compile(r'^(\d+)(?:-(\d+))?:(\d+)$')
 
@@ -238,17 +235,12 @@ def make_means_step(config: ModelConfig, dtype: Any, massive_layers: np.ndarray 
   return jax.jit(step)
 
 
-def make_eval_step(config: ModelConfig, dtype: Any, chunk: int = LOGITS_CHUNK,
+def make_eval_step(config: ModelConfig, dtype: Any, chunk: int = next_token.LOGITS_CHUNK,
                    massive_only: bool = False) -> Callable:
-  """jit(params, ids [B,T], valid [B,T], masks [V,L,D], values [V,L,D]) -> per-position metrics.
-
-  Returns, over the T - 1 predicted positions (position t predicts token t + 1):
-  `ok` [B, T-1] (both valid), `nll_base` [B, T-1], and per variant `nll`,
-  `kl` (KL(base || variant), nats) [V, B, T-1] and `agree` (same argmax) [V, B, T-1];
-  `replaced`, per variant the sown tree of elements replaced per layer and channel.
-  Logits are computed `chunk` positions at a time, so a large vocabulary
-  never holds [B, T, vocab] for more than one chunk. `massive_only`: the
-  edits replace only massive elements (`edit_handler`).
+  """jit(params, ids [B,T], valid [B,T], masks [V,L,D], values [V,L,D]) -> per-position metrics
+  (`next_token.next_token_metrics` of the unmodified model against each edit) and `replaced`, per
+  variant the sown tree of elements replaced per layer and channel. `massive_only`: the edits
+  replace only massive elements (`edit_handler`).
   """
   model = transformer.build(config, dtype)
 
@@ -259,52 +251,13 @@ def make_eval_step(config: ModelConfig, dtype: Any, chunk: int = LOGITS_CHUNK,
       h, sown = model.apply({'params': params}, ids, valid, mutable=[capture.COLLECTION])
     return h, sown[capture.COLLECTION]
 
-  def log_probs(params, h):
-    logits = model.apply({'params': params}, h, method='head')
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
   def step(params, input_ids, valid, masks, values):
-    b, t = input_ids.shape
-    n_var = masks.shape[0]
-    h0 = forward(params, input_ids, valid)[0][:, :-1]  # [B, T-1, D]
-    edited = [forward(params, input_ids, valid, (masks[v], values[v])) for v in range(n_var)]
-    hv = jnp.stack([h[:, :-1] for h, _ in edited])
-    replaced = [sown for _, sown in edited]
-    targets = input_ids[:, 1:]
-    ok = valid[:, :-1] & valid[:, 1:]
-    n = t - 1
-    if n == 0:  # one-token batch: nothing to predict
-      zeros = jnp.zeros((n_var, b, 0))
-      return {'ok': ok, 'nll_base': zeros[0], 'nll': zeros, 'kl': zeros, 'agree': zeros.astype(bool),
-              'replaced': replaced}
-    c = min(chunk, n)
-    pad = -n % c
-    padded = lambda a, axis: jnp.pad(a, [(0, pad if i == axis else 0) for i in range(a.ndim)])
-    # [chunks, ...] leading axis for lax.map.
-    h0c = padded(h0, 1).reshape(b, -1, c, h0.shape[-1]).swapaxes(0, 1)
-    hvc = padded(hv, 2).reshape(n_var, b, -1, c, hv.shape[-1]).transpose(2, 0, 1, 3, 4)
-    tc = padded(targets, 1).reshape(b, -1, c).swapaxes(0, 1)
-
-    def metrics(args):
-      h0_, hv_, t_ = args
-      lp0 = log_probs(params, h0_)  # [B, c, V]
-      nll0 = -jnp.take_along_axis(lp0, t_[..., None], axis=-1)[..., 0]
-      p0 = jnp.exp(lp0)
-      top0 = jnp.argmax(lp0, axis=-1)
-      nll, kl, agree = [], [], []
-      for v in range(n_var):
-        lpv = log_probs(params, hv_[v])
-        nll.append(-jnp.take_along_axis(lpv, t_[..., None], axis=-1)[..., 0])
-        # KL(base || variant); 0 * log 0 terms are 0 (p0 underflows to exactly 0).
-        kl.append(jnp.sum(jnp.where(p0 > 0, p0 * (lp0 - lpv), 0.0), axis=-1))
-        agree.append(jnp.argmax(lpv, axis=-1) == top0)
-      return nll0, jnp.stack(nll), jnp.stack(kl), jnp.stack(agree)
-
-    nll0, nll, kl, agree = jax.lax.map(metrics, (h0c, hvc, tc))
-    # [chunks, B, c] -> [B, T-1]; [chunks, V, B, c] -> [V, B, T-1].
-    nll0 = nll0.transpose(1, 0, 2).reshape(b, -1)[:, :n]
-    nll, kl, agree = (a.transpose(1, 2, 0, 3).reshape(n_var, b, -1)[:, :, :n] for a in (nll, kl, agree))
-    return {'ok': ok, 'nll_base': nll0, 'nll': nll, 'kl': kl, 'agree': agree, 'replaced': replaced}
+    h0 = forward(params, input_ids, valid)[0]
+    edited = [forward(params, input_ids, valid, (masks[v], values[v])) for v in range(masks.shape[0])]
+    hv = jnp.stack([h for h, _ in edited])
+    log_probs = next_token.head_log_probs(model, params)
+    out = next_token.next_token_metrics(h0, hv, input_ids, valid, log_probs, log_probs, chunk)
+    return {**out, 'replaced': [sown for _, sown in edited]}
 
   return jax.jit(step)
 
@@ -354,47 +307,21 @@ class MassiveMeansAccumulator:
       return np.where(self.counts > 0, self.sums / np.maximum(self.counts, 1), np.nan).astype(np.float32)
 
 
-class EvalAccumulator:
-  """float64 sums of the per-position metrics, overall and by class of the predicting token."""
+class EvalAccumulator(next_token.EvalAccumulator):
+  """`next_token.EvalAccumulator`, and the elements each variant replaced per layer and channel."""
 
   def __init__(self, n_variants: int, table: anatomy.TokenTable, config: ModelConfig):
-    self.table = table
+    super().__init__(n_variants, table)
     self.config = config
-    # Elements replaced, per variant, layer and channel.
     self.replaced = np.zeros((n_variants, config.num_hidden_layers, config.hidden_size), np.int64)
-    k = len(anatomy.CLASSES)
-    self.count = np.zeros(k, np.int64)
-    self.nll_base = np.zeros(k)
-    self.nll = np.zeros((n_variants, k))
-    self.kl = np.zeros((n_variants, k))
-    self.agree = np.zeros((n_variants, k), np.int64)
-    self.kl_max = np.full(n_variants, -1.0)
-    self.kl_max_at: list[tuple[int, int] | None] = [None] * n_variants
 
   def add(self, out: Any, batch: data.Batch) -> None:
-    o = jax.device_get(out)
-    ok = np.asarray(o['ok'], bool)
-    ids = batch.input_ids[:, :-1]
-    first = np.zeros(ids.shape, bool)
-    first[:, 0] = True
-    cls = self.table.classify(ids, first)[ok]
-    add = lambda acc, vals: np.add.at(acc, cls, np.asarray(vals, np.float64)[ok])
-    np.add.at(self.count, cls, 1)
-    add(self.nll_base, o['nll_base'])
-    for v in range(len(self.kl_max)):
-      for name, n in capture.collect(self.config, o['replaced'][v]).items():
+    super().add(out, batch)
+    for v, sown in enumerate(jax.device_get(out['replaced'])):
+      for name, n in capture.collect(self.config, sown).items():
         layer = anatomy.hidden_layer(name)
         if layer is not None:
           self.replaced[v, layer] += np.asarray(n, np.int64)
-      add(self.nll[v], o['nll'][v])
-      add(self.kl[v], o['kl'][v])
-      np.add.at(self.agree[v], cls, np.asarray(o['agree'][v], np.int64)[ok])
-      kl = np.where(ok, np.asarray(o['kl'][v], np.float64), -np.inf)
-      row, pos = np.unravel_index(int(np.argmax(kl)), kl.shape)
-      # Ties and order: batches come in corpus order of their first sample, so keep the first maximum.
-      if kl[row, pos] > self.kl_max[v]:
-        self.kl_max[v] = float(kl[row, pos])
-        self.kl_max_at[v] = (int(batch.sample_ids[row]), int(pos))
 
 
 # ---------------------------------------------------------------------------
@@ -423,12 +350,6 @@ class InterveneOptions:
 class InterventionResult:
   doc: dict
   path: str
-
-
-def _summary(nll: np.ndarray, count: np.ndarray) -> dict[str, float | None]:
-  n = int(count.sum())
-  loss = float(nll.sum() / n) if n else None
-  return {'loss': loss, 'perplexity': (math.exp(loss) if loss is not None and loss < 700 else None)}
 
 
 def intervene(opts: InterveneOptions) -> InterventionResult:
@@ -490,11 +411,9 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
   timings['eval_s'] = time.perf_counter() - t0
 
   describe = measure.describer(corpus, tokenizer)
-  base = _summary(acc.nll_base, acc.count)
+  base = next_token.base_summary(acc)
   out_variants = []
   for v, (name, vpairs) in enumerate(variants):
-    s = _summary(acc.nll[v], acc.count)
-    n = int(acc.count.sum())
     channels = []
     for l, c in vpairs:
       e = {'layer': l, 'channel': c,
@@ -505,33 +424,12 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
       if massive_counts is not None:
         e['massive_values'] = int(massive_counts[l, c])  # in the unmodified model, over the corpus
       channels.append(e)
-    entry = {
+    out_variants.append({
         'name': name,
         'channels': channels,
         'replaced': int(sum(e['replaced'] for e in channels)),
-        **s,
-        'delta_loss': (s['loss'] - base['loss']) if s['loss'] is not None else None,
-        'perplexity_ratio': (s['perplexity'] / base['perplexity']
-                             if s['perplexity'] and base['perplexity'] else None),
-        'kl_mean': float(acc.kl[v].sum() / n) if n else None,
-        'kl_max': float(acc.kl_max[v]) if acc.kl_max_at[v] else None,
-        # Where the largest KL sits: the predicting token (its sample, position, id, text).
-        'kl_max_at': (describe((*acc.kl_max_at[v], 0)) if acc.kl_max_at[v] else None),
-        'top1_agreement': float(acc.agree[v].sum() / n) if n else None,
-        'by_class': {},
-    }
-    if entry['kl_max_at']:
-      entry['kl_max_at'].pop('channel', None)
-    for k, cls in enumerate(anatomy.CLASSES):
-      m = int(acc.count[k])
-      if m:
-        entry['by_class'][cls] = {
-            'positions': m,
-            'delta_loss': float((acc.nll[v, k] - acc.nll_base[k]) / m),
-            'kl_mean': float(acc.kl[v, k] / m),
-            'top1_agreement': float(acc.agree[v, k] / m),
-        }
-    out_variants.append(entry)
+        **next_token.variant_summary(acc, v, base, describe),
+    })
   name = results.model_name_of(opts.model_path)
   doc = {
       'model_name': name,
@@ -545,9 +443,7 @@ def intervene(opts: InterveneOptions) -> InterventionResult:
       'predicted_positions': int(acc.count.sum()),
       'dtype': opts.dtype,
       'seed': opts.seed,
-      'base': {**base, 'by_class': {cls: {'positions': int(acc.count[k]),
-                                          'loss': float(acc.nll_base[k] / acc.count[k])}
-                                    for k, cls in enumerate(anatomy.CLASSES) if acc.count[k]}},
+      'base': base,
       'variants': out_variants,
       'kl': 'KL(base || variant) of the next-token distributions, nats per predicted position',
       'replaced': '(token, channel) elements of the valid tokens replaced, over every chosen layer',

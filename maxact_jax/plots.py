@@ -3,7 +3,7 @@
 No pyplot and no global backend: `figure` makes a Figure on its own Agg
 canvas, `png` renders it to bytes, `log_axis` is the log-scale axis the
 magnitude plots share. The cross-model report's plots (`plot_residual`,
-`plot_components`, `plot_topk`, from a report summary) and the views of the
+`plot_components`, `plot_topk`, `plot_quantization`, from a report summary) and the views of the
 outlier anatomy (`plot_surface`, `plot_layerwise`, `plot_channels`) are drawn
 here, for `maxact_jax.report_render` and the `anatomy` job alike.
 """
@@ -163,6 +163,48 @@ def plot_topk(summary: Mapping[str, Any]) -> bytes | None:
   bx.set_xlabel('entries of the global top-K equal to the top-1')
   bx.set_title('Saturation')
   bx.grid(True, axis='x', alpha=0.3)
+  return png(fig)
+
+
+_MARKERS = ('o', 's', '^', 'D', 'v', 'P', 'X', '*', '<', '>', 'h', 'p')
+
+
+def plot_quantization(summary: Mapping[str, Any]) -> bytes | None:
+  """Quantization impact against the global maximum: one point per model and scheme, KL mean
+  (log) and change in loss (symlog) over the model's global max |x| (log); colour = scheme,
+  marker = model."""
+  q = summary.get('quantization')
+  if not q or not q['models']:
+    return None
+  colors = matplotlib.colormaps['tab20'].colors
+  fig = figure(14, 5.6)
+  ax, bx = fig.subplots(1, 2, gridspec_kw={'wspace': 0.28})
+  for si, scheme in enumerate(q['schemes']):
+    for mi, m in enumerate(q['models']):
+      s = m['schemes'].get(scheme)
+      if s is None or not m['global_max_abs']:
+        continue
+      style = dict(color=colors[si % len(colors)], marker=_MARKERS[mi % len(_MARKERS)], s=46, alpha=0.9,
+                   edgecolors='#333', linewidths=0.4)
+      if s['kl_mean'] is not None and s['kl_mean'] > 0:  # log axis: a zero KL has no point
+        ax.scatter([m['global_max_abs']], [s['kl_mean']], **style)
+      if s['delta_loss'] is not None:
+        bx.scatter([m['global_max_abs']], [s['delta_loss']], **style)
+  for a in (ax, bx):
+    a.set_xscale('log')
+    a.set_xlabel('global max |activation| of the model (log)')
+    a.grid(True, which='major', alpha=0.3)
+  log_axis(ax, 'KL(unquantized || quantized), mean nats per token')
+  ax.set_title('Next-token KL per scheme')
+  bx.set_yscale('symlog', linthresh=1e-3)
+  bx.axhline(0.0, color='#999', linewidth=0.8)
+  bx.set_ylabel('change in next-token loss, nats (symlog)')
+  bx.set_title('Loss change per scheme')
+  handles = [bx.scatter([], [], color=colors[i % len(colors)], marker='o', s=46, label=scheme)
+             for i, scheme in enumerate(q['schemes'])]
+  handles += [bx.scatter([], [], color='#bbb', marker=_MARKERS[i % len(_MARKERS)], s=46, edgecolors='#333',
+                         label=m['model_name']) for i, m in enumerate(q['models'])]
+  bx.legend(handles=handles, loc='upper left', bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
   return png(fig)
 
 

@@ -50,7 +50,6 @@ import glob
 import json
 import math
 import os
-import re
 import sys
 import time
 from typing import Any, Callable, Iterable
@@ -65,6 +64,8 @@ import converters
 from maxact_jax import capture, data, measure, measure_step, report, results, stats
 from maxact_jax.config import ModelConfig, read_config_json
 from maxact_jax.errors import UserError
+from maxact_jax.fakequant import (FLOAT_LIMITS, FP8_E4M3, Format, int_format, linear_bins, linear_hist_quantile,
+                                  policy_name)
 from maxact_jax.families import load_config
 from maxact_jax.models import transformer
 
@@ -73,51 +74,12 @@ Array = jax.Array
 QUANT_SUFFIX = '_quant_sanity.json'
 SUMMARY_FILE = 'quant_sanity_summary.json'
 
-# Float formats whose largest finite value an activation must stay under.
-FLOAT_LIMITS = {
-    'fp8_e4m3': float(jnp.finfo(jnp.float8_e4m3fn).max),  # 448
-    'fp16': float(jnp.finfo(jnp.float16).max),  # 65504
-    'bf16': float(jnp.finfo(jnp.bfloat16).max),  # 3.39e38
-}
-
 # Per-tensor threshold policies, in the order of the `t_tensor` input.
 TENSOR_POLICIES = ('max_abs', 'clip', 'clip_loghist')
 # Tap selections (besides `list:...`): the global maximum's tap, the residual
 # stream and final norm (the reference's set), every activation tap.
 POLICIES = ('peak', 'all_hidden', 'all')
 N_TOP_CHANNELS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Format:
-  """A symmetric fake-quantization target: INT<bits> or FP8 e4m3."""
-
-  name: str
-  kind: str  # 'int' or 'fp8'
-  qmax: float  # the largest code: 2^(bits-1) - 1, or 448
-
-  def quantize(self, x: Array, threshold: Array, scale: Array) -> Array:
-    """Fake-quantize x (float32) with a threshold and scale broadcastable to it.
-
-    Where the threshold is not positive the result is 0 (the reference skips
-    such a per-tensor policy; per-channel and per-token scales map it to 0).
-    """
-    # Parity with the reference: clamp to the threshold, divide by the scale,
-    # round half to even (torch.round == jnp.round), clamp the codes, multiply
-    # back, all in float32.
-    y = jnp.clip(x, -threshold, threshold) / scale
-    if self.kind == 'int':
-      q = jnp.clip(jnp.round(y), -self.qmax, self.qmax)
-    else:
-      q = jnp.clip(y, -self.qmax, self.qmax).astype(jnp.float8_e4m3fn).astype(jnp.float32)
-    return jnp.where(threshold > 0, q * scale, 0.0)
-
-
-def int_format(bits: int) -> Format:
-  return Format(f'int{bits}', 'int', float(2 ** (bits - 1) - 1))
-
-
-FP8_E4M3 = Format('fp8_e4m3', 'fp8', FLOAT_LIMITS['fp8_e4m3'])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,28 +100,8 @@ SCHEMES: tuple[Scheme, ...] = (
 REFERENCE_SCHEMES = (Scheme(0, 'tensor', 'max_abs'), Scheme(0, 'tensor', 'clip'))
 
 
-def policy_name(policy: str, clip_quantile: float) -> str:
-  """'max_abs', 'clip_q0.999' (the reference's name) or 'clip_q0.999_loghist'."""
-  if policy == 'clip':
-    return f'clip_q{clip_quantile:g}'
-  if policy == 'clip_loghist':
-    return f'clip_q{clip_quantile:g}_loghist'
-  return policy
-
-
 # ---------------------------------------------------------------------------
 # Host-side formulas (float64), shared by the passes and the tests.
-
-
-def linear_hist_quantile(hist: np.ndarray, upper: float, q: float) -> float:
-  """The reference's clip threshold: the lower edge of the bin holding the
-  ceil(q * n)-th smallest |x|, in a histogram of len(hist) bins over [0, upper]."""
-  total = int(hist.sum())
-  if total == 0:
-    return 0.0
-  target = max(1, math.ceil(q * total))
-  idx = int(np.searchsorted(np.cumsum(hist), target, side='left'))
-  return upper * idx / max(1, len(hist) - 1)
 
 
 def error_metrics(count: int, sum_abs: float, sum_sq: float, err_abs: float, err_sq: float,
@@ -183,17 +125,6 @@ def error_metrics(count: int, sum_abs: float, sum_sq: float, err_abs: float, err
 
 # ---------------------------------------------------------------------------
 # Device side: the handlers of the three passes.
-
-_LAYER_TAP_RE = re.compile(r'^layer_(\d+)_(.+)$')
-
-
-def split_tap(name: str) -> tuple[str, str, int | None]:
-  """'layer_3_hidden' -> ('layer', 'hidden', 3); 'final_layernorm' -> ('model', name, None)."""
-  m = _LAYER_TAP_RE.match(name)
-  if m:
-    return 'layer', m.group(2), int(m.group(1))
-  return 'model', name, None
-
 
 def _btf(x: Array, valid: Array) -> bool:
   """Whether a tap output is [B, T, ...] over the batch (only those are quantized)."""
@@ -243,12 +174,6 @@ def _selected_handler(compute: Callable, valid: Array, qp: dict[str, Any],
     return x, _selected(compute, x, p, call.suffix in every_layer or not call.in_layer)
 
   return handle
-
-
-def linear_bins(a: Array, upper: Array, bins: int) -> Array:
-  """The reference's bin of each |x| in a linear histogram over [0, upper]: int32, same shape."""
-  # Parity with the reference: (|x| / upper) * (bins - 1) in float32, floored, clamped.
-  return jnp.clip(jnp.floor(a / upper * (bins - 1)), 0, bins - 1).astype(jnp.int32)
 
 
 def extremes_handler(valid: Array) -> capture.Handler:
@@ -340,7 +265,7 @@ def pass_inputs(config: ModelConfig, per_tap: dict[str, dict[str, np.ndarray]]) 
   qp: dict[str, dict[str, Any]] = {'layer': {}, 'model': {}}
   by_suffix: dict[str, dict[int, dict[str, np.ndarray]]] = {}
   for name, inputs in per_tap.items():
-    where, suffix, layer = split_tap(name)
+    where, suffix, layer = capture.split_tap(name)
     if where == 'model':
       qp['model'][suffix] = {k: jnp.asarray(v) for k, v in inputs.items()}
     else:
@@ -467,20 +392,6 @@ def select_taps(policy: str, taps: list[str] | None, available: list[str], peak_
   return sorted(set(names), key=order.__getitem__)
 
 
-def read_stats_file(path: str) -> dict[str, Any]:
-  """A previous `measure` result: its global maximum picks the `peak` tap."""
-  if not os.path.isfile(path):
-    raise UserError(f'stats file {path} does not exist')
-  try:
-    with open(path, encoding='utf-8') as f:
-      doc = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f'stats file {path} is not valid JSON: {e}') from None
-  if not isinstance(doc, dict) or not isinstance(doc.get('global_max_location'), str):
-    raise UserError(f'stats file {path} has no global_max_location (is it an *_activation_stats.json?)')
-  return doc
-
-
 # ---------------------------------------------------------------------------
 # The job.
 
@@ -571,7 +482,7 @@ def quant(opts: QuantOptions) -> QuantResult:
   if stats_path is None:
     default = os.path.join(opts.output_dir, 'json', f'{model_name}_activation_stats.json')
     stats_path = default if os.path.isfile(default) else None
-  stats_doc = read_stats_file(stats_path) if stats_path else None
+  stats_doc = results.read_stats_file(stats_path) if stats_path else None
   # Validate the selection before any work; `peak` without a measure result waits for pass 1.
   available = capture.tap_names(config)
   selected = None
@@ -843,5 +754,5 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
   return lines
 
 
-__all__ = ['QuantOptions', 'QuantResult', 'quant', 'summarize', 'table', 'summary_lines', 'linear_hist_quantile',
-           'error_metrics', 'Format', 'int_format', 'FP8_E4M3', 'select_taps']
+__all__ = ['QuantOptions', 'QuantResult', 'quant', 'summarize', 'table', 'summary_lines', 'error_metrics',
+           'select_taps']

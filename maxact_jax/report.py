@@ -9,7 +9,9 @@ ratio, how many models carry their maximum in the residual stream, the top-K
 scan, and per model whose anatomy files sit beside its results (`maxact-jax
 measure` writes `<model>_anatomy.json` and `<model>_channel_absmax.npz`,
 `maxact-jax anatomy` adds `<model>_surface.npz`) its outlier anatomy,
-condensed.
+condensed; and from every `<model>_qeval.json` under the folder (`maxact-jax
+qeval`) the quantization impact, scheme by scheme, against the model's global
+maximum (`quantization_summary`).
 
 This module holds all the numbers and no rendering: `maxact_jax.report_render`
 writes them as `summary.json`, `report.md`, `report.html` and the plots, so a
@@ -26,7 +28,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from maxact_jax import anatomy
+import numpy as np
+
+from maxact_jax import anatomy, results
 from maxact_jax.errors import UserError
 from maxact_jax.stats import is_activation_tap
 
@@ -619,6 +623,74 @@ def _tokens_entry(ta: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# Quantization impact (files written by `maxact-jax qeval`).
+
+QEVAL_METRICS = ('delta_loss', 'kl_mean', 'kl_p99', 'top1_agreement')
+
+
+def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
+  """Spearman's rho (Pearson's r of the ranks, ties sharing their mean rank); None
+  under 3 points or when either side is constant."""
+  if len(x) < 3:
+    return None
+
+  def ranks(v):
+    v = np.asarray(v, np.float64)
+    order = np.argsort(v, kind='stable')
+    r = np.empty(len(v))
+    r[order] = np.arange(len(v), dtype=np.float64)
+    for value in np.unique(v):  # ties: their mean rank
+      r[v == value] = r[v == value].mean()
+    return r
+
+  rx, ry = ranks(x), ranks(y)
+  if rx.std() == 0 or ry.std() == 0:
+    return None
+  return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def quantization_summary(results_dir: Path, models: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+  """Every `*_qeval.json` under the folder: per model and scheme the change in loss, the KL
+  (mean, p99), top-1 agreement and the fewest INT levels a linear input keeps, against the
+  model's global maximum |x| (its measure result's where the report has one, else what
+  qeval recorded), and per scheme the rank correlation of KL with the global maximum."""
+  paths = sorted(p for p in results_dir.rglob('*' + results.QEVAL_SUFFIX) if p.is_file())
+  if not paths:
+    return None
+  measured = {m['model_name']: m for m in models}
+  out_models, schemes = [], []
+  for path in paths:
+    doc = _load_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get('schemes'), dict):
+      raise UserError(f'{path}: not a qeval result (no "schemes")')
+    name = doc.get('model_name') or path.name[:-len(results.QEVAL_SUFFIX)]
+    if name in measured:
+      peak, source = measured[name]['global_max_abs'], 'measure'
+    else:
+      value = doc.get('global_max_activation')
+      peak, source = (abs(float(value)) if value is not None else None), 'qeval calibration'
+    entry = {'model_name': name, 'file': str(path.relative_to(results_dir)), 'global_max_abs': peak,
+             'global_max_source': source, 'dtype': doc.get('dtype'),
+             'baseline_loss': (doc.get('baseline') or {}).get('loss'),
+             'eval_positions': doc.get('predicted_positions'), 'schemes': {}}
+    for scheme, s in doc['schemes'].items():
+      if scheme not in schemes:
+        schemes.append(scheme)
+      levels = ((s.get('sites_summary') or {}).get('min_levels') or {})
+      entry['schemes'][scheme] = {**{k: s.get(k) for k in QEVAL_METRICS}, 'min_levels': levels.get('levels'),
+                                  'min_levels_site': levels.get('site')}
+    out_models.append(entry)
+  correlation = {}
+  for scheme in schemes:
+    pts = [(m['global_max_abs'], m['schemes'][scheme]['kl_mean']) for m in out_models
+           if scheme in m['schemes'] and m['global_max_abs'] is not None
+           and m['schemes'][scheme]['kl_mean'] is not None]
+    correlation[scheme] = {'models': len(pts),
+                           'spearman_kl_vs_global_max': rank_correlation([p[0] for p in pts], [p[1] for p in pts])}
+  return {'schemes': schemes, 'models': out_models, 'correlation': correlation}
+
+
+# ---------------------------------------------------------------------------
 # The summary.
 
 
@@ -684,6 +756,7 @@ def build_summary(results_dir: str | os.PathLike[str],
       },
       'topk_scan': scans,
       'no_topk': [m['model_name'] for m in models if m['model_name'] not in {s['model_name'] for s in scans}],
+      'quantization': quantization_summary(root, models),
   }
 
 

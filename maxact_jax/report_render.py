@@ -5,7 +5,9 @@ builds it from a results folder first) into
 
 - `summary.json`;
 - `report.md` and `report.html` (self-contained, images referenced relatively);
-- PNG plots: `residual_layerwise.png`, `component_peaks.png`, `topk_scan.png`;
+- PNG plots: `residual_layerwise.png`, `component_peaks.png`, `topk_scan.png`,
+  and `quantization_impact.png` when `qeval` results are there (a "Quantization
+  impact" section: KL and loss change per scheme against the global maximum);
 - per model with an outlier anatomy: an "Outlier anatomy" section (outlier
   channels, the tokens that carry the massive activations) with
   `anatomy_<model>_{layerwise,channels,surface}.png`.
@@ -37,6 +39,7 @@ SUMMARY_FILE = 'summary.json'
 PLOT_RESIDUAL = 'residual_layerwise.png'
 PLOT_COMPONENTS = 'component_peaks.png'
 PLOT_TOPK = 'topk_scan.png'
+PLOT_QUANT = 'quantization_impact.png'
 ANATOMY_VIEWS = ('layerwise', 'channels', 'surface')
 
 
@@ -213,7 +216,8 @@ def _sections(summary: Mapping[str, Any], plot_files: Sequence[str]) -> list[tup
                  'global top-K equal to the top-1.',
   }
   for p in plot_files:
-    plot_blocks += [captions.get(p, p), _Image(p, titles.get(p, p))]
+    if p != PLOT_QUANT:  # in its own section
+      plot_blocks += [captions.get(p, p), _Image(p, titles.get(p, p))]
   sections.append(('Plots', plot_blocks))
 
   scans = summary['topk_scan']
@@ -235,7 +239,45 @@ def _sections(summary: Mapping[str, Any], plot_files: Sequence[str]) -> list[tup
   if summary['no_topk']:
     scan_blocks.append('No top-K data for: ' + ', '.join(summary['no_topk']) + '.')
   sections.append(('Top-K scan', scan_blocks))
-  return sections + _anatomy_sections(summary, plot_files)
+  return sections + _quantization_sections(summary, plot_files) + _anatomy_sections(summary, plot_files)
+
+
+def _quantization_sections(summary: Mapping[str, Any], plot_files: Sequence[str]) -> list[tuple[str, list[_Block]]]:
+  """KL and loss change per scheme against each model's global maximum (`maxact-jax qeval`)."""
+  q = summary.get('quantization')
+  if not q:
+    return []
+  blocks: list[_Block] = [
+      'Every linear layer\'s input and weight fake-quantized per scheme (`maxact-jax qeval`; the schemes '
+      'are defined in the README), the model\'s next-token predictions against the unquantized model\'s '
+      'on the same tokens: the paper\'s claim, that the maximum activations decide what low-bit '
+      'deployment costs, put to a test. KL is KL(unquantized || quantized) in nats per predicted token; '
+      'min levels is the fewest INT levels the bulk of a linear input spans (2^b x mean |x| / threshold; '
+      'under 1 the bulk rounds to zero), and where.']
+  rows = []
+  for m in q['models']:
+    for scheme in q['schemes']:
+      s = m['schemes'].get(scheme)
+      if s is None:
+        continue
+      rows.append([m['model_name'], f'{fmt_value(m["global_max_abs"])}', scheme,
+                   '—' if s['delta_loss'] is None else f'{s["delta_loss"]:+.3g}',
+                   '—' if s['kl_mean'] is None else f'{s["kl_mean"]:.3g}',
+                   '—' if s['kl_p99'] is None else f'{s["kl_p99"]:.3g}',
+                   '—' if s['top1_agreement'] is None else f'{s["top1_agreement"]:.1%}',
+                   '—' if s['min_levels'] is None else f'{s["min_levels"]:.3g} (`{s["min_levels_site"]}`)'])
+  blocks.append(_Table(['model', 'global max', 'scheme', 'Δloss', 'KL mean', 'KL p99', 'top-1 kept', 'min levels'],
+                       rows))
+  corr = [(scheme, c) for scheme, c in q['correlation'].items() if c['spearman_kl_vs_global_max'] is not None]
+  if corr:
+    blocks.append('Rank correlation (Spearman) of KL with the global maximum across models: ' + '; '.join(
+        f'{scheme} {c["spearman_kl_vs_global_max"]:+.2f} ({c["models"]} models)' for scheme, c in corr) + '.')
+  else:
+    blocks.append('Fewer than 3 models per scheme: no rank correlation of KL with the global maximum.')
+  if PLOT_QUANT in plot_files:
+    blocks += ['KL mean (left, log) and loss change (right, symlog) per scheme (colour) and model (marker) '
+               'over the model\'s global max |x|.', _Image(PLOT_QUANT, 'quantization impact')]
+  return [('Quantization impact', blocks)]
 
 
 def _layer_span(layers: Sequence[int]) -> str:
@@ -323,7 +365,7 @@ def write_report(summary_or_dir: Mapping[str, Any] | str | os.PathLike[str],
   written: dict[str, Path] = {}
   plot_files = []
   for name, make in ((PLOT_RESIDUAL, plots.plot_residual), (PLOT_COMPONENTS, plots.plot_components),
-                     (PLOT_TOPK, plots.plot_topk)):
+                     (PLOT_TOPK, plots.plot_topk), (PLOT_QUANT, plots.plot_quantization)):
     png = make(summary)
     if png is not None:
       atomic.write_bytes(out / name, png)

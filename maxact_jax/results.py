@@ -16,6 +16,7 @@ reference read our files unchanged:
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable
 
@@ -24,6 +25,8 @@ from maxact_jax.errors import UserError
 
 
 atomic_write_json = atomic.write_json
+# `qeval`'s result document, read by the report.
+QEVAL_SUFFIX = '_qeval.json'
 
 
 def ensure_output_dir(output_dir: str) -> str:
@@ -119,3 +122,17 @@ def write_documents(output_dir: str, model_name: str, doc: dict, top_doc: dict) 
   atomic_write_json(main, doc)
   atomic_write_json(top, top_doc)
   return main, top
+
+
+def read_stats_file(path: str) -> dict[str, Any]:
+  """A previous `measure` result (its global maximum: `quant`'s `peak` tap, `qeval`'s x axis)."""
+  if not os.path.isfile(path):
+    raise UserError(f'stats file {path} does not exist')
+  try:
+    with open(path, encoding='utf-8') as f:
+      doc = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f'stats file {path} is not valid JSON: {e}') from None
+  if not isinstance(doc, dict) or not isinstance(doc.get('global_max_location'), str):
+    raise UserError(f'stats file {path} has no global_max_location (is it an *_activation_stats.json?)')
+  return doc

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from maxact_jax import capture, cli, fixtures, measure_step, quant, stats
+from maxact_jax import capture, cli, fakequant, fixtures, measure_step, quant, stats
 from maxact_jax.errors import UserError
 from maxact_jax.families import load_config
 from maxact_jax.models import transformer
@@ -37,7 +37,7 @@ N_CALIB, N_EVAL = 8, 16
 def test_int8_fake_quant_and_metrics_by_hand():
   # t = 1.27 -> scale 0.01: 0.004 rounds to 0, 0.016 to 2 codes, -1.3 clips to -127 codes.
   x = np.array([0.004, 0.016, -1.3, 0.5], np.float32)
-  deq = np.asarray(quant.int_format(8).quantize(jnp.asarray(x), jnp.float32(1.27), jnp.float32(0.01)))
+  deq = np.asarray(fakequant.int_format(8).quantize(jnp.asarray(x), jnp.float32(1.27), jnp.float32(0.01)))
   np.testing.assert_allclose(deq, [0.0, 0.02, -1.27, 0.5], rtol=1e-6, atol=1e-7)
   err = np.array([-0.004, 0.004, 0.03, 0.0])
   m = quant.error_metrics(count=4, sum_abs=1.82, sum_sq=1.940272, err_abs=float(np.abs(err).sum()),
@@ -56,7 +56,7 @@ def test_int8_fake_quant_and_metrics_by_hand():
 def test_int4_and_zero_threshold():
   # bits=4: codes -7..7; t = 7 -> scale 1; 2.5 rounds half to even -> 2, 3.5 -> 4.
   x = jnp.asarray([2.5, 3.5, -9.0, 0.49], jnp.float32)
-  q = quant.int_format(4)
+  q = fakequant.int_format(4)
   assert q.qmax == 7
   np.testing.assert_array_equal(np.asarray(q.quantize(x, jnp.float32(7.0), jnp.float32(1.0))), [2, 4, -7, 0])
   # A threshold of 0 quantizes everything to 0 (per-channel scales of an all-zero channel).
@@ -65,7 +65,7 @@ def test_int4_and_zero_threshold():
 
 
 def test_fp8_e4m3_rounds_to_nearest_even_and_clips_at_448():
-  f = quant.FP8_E4M3
+  f = fakequant.FP8_E4M3
   assert f.qmax == 448.0
   # 0.3 -> 0.3125 (nearest of 0.28125, 0.3125); 17 is a tie between 16 and 18 -> even mantissa 16;
   # 500 is clipped to the threshold 448 before the cast; 1e-3 -> the smallest subnormal 2^-9
@@ -83,19 +83,19 @@ def test_fp8_e4m3_rounds_to_nearest_even_and_clips_at_448():
 def test_linear_histogram_quantile_by_hand():
   # Five bins over [0, 4] (width 1): |x| = 0, 0.5, 1.2, 3.9, 4.0 -> bins 0, 0, 1, 3, 4.
   a = jnp.asarray([0.0, 0.5, 1.2, 3.9, 4.0], jnp.float32)
-  idx = np.asarray(quant.linear_bins(a, jnp.float32(4.0), 5))
+  idx = np.asarray(fakequant.linear_bins(a, jnp.float32(4.0), 5))
   np.testing.assert_array_equal(idx, [0, 0, 1, 3, 4])
   hist = np.bincount(idx, minlength=5)
-  assert quant.linear_hist_quantile(hist, 4.0, 0.5) == 1.0  # ceil(2.5) = 3rd value is in bin 1
-  assert quant.linear_hist_quantile(hist, 4.0, 0.999) == 4.0  # the 5th value, bin 4
-  assert quant.linear_hist_quantile(hist, 4.0, 0.1) == 0.0  # at least the 1st value: bin 0
-  assert quant.linear_hist_quantile(np.zeros(5, np.int64), 4.0, 0.5) == 0.0
+  assert fakequant.linear_hist_quantile(hist, 4.0, 0.5) == 1.0  # ceil(2.5) = 3rd value is in bin 1
+  assert fakequant.linear_hist_quantile(hist, 4.0, 0.999) == 4.0  # the 5th value, bin 4
+  assert fakequant.linear_hist_quantile(hist, 4.0, 0.1) == 0.0  # at least the 1st value: bin 0
+  assert fakequant.linear_hist_quantile(np.zeros(5, np.int64), 4.0, 0.5) == 0.0
   # The reference's Qwen3-8B threshold is exactly one bin of 2047 over its max: 15616 / 2047.
   with open(os.path.join(REFERENCE_RESULTS, 'Qwen3-8B_quant_sanity.json')) as f:
     ref = json.load(f)
   hist = np.zeros(2048, np.int64)
   hist[0], hist[1], hist[2047] = 998, 1, 1
-  assert quant.linear_hist_quantile(hist, 15616.0, 0.999) == ref['thresholds']['clip_q0.999']['layer_16_hidden']
+  assert fakequant.linear_hist_quantile(hist, 15616.0, 0.999) == ref['thresholds']['clip_q0.999']['layer_16_hidden']
 
 
 def test_tap_selection():
@@ -269,7 +269,7 @@ def test_every_scheme_matches_numpy_on_the_raw_activations(outlier_model, tmp_pa
     tensor_t = {'max_abs': upper, 'clip': clip, 'clip_loghist': log_t}
     for fmt_name, kind, qmax in (('int8', 'int', 127.0), ('fp8_e4m3', 'fp8', 448.0)):
       for s in quant.SCHEMES:
-        if quant.int_format(8).name != fmt_name and s.fmt == 0 or fmt_name == 'int8' and s.fmt == 1:
+        if fakequant.int_format(8).name != fmt_name and s.fmt == 0 or fmt_name == 'int8' and s.fmt == 1:
           continue
         if s.granularity == 'tensor':
           t = np.float32(tensor_t[s.policy])
@@ -282,7 +282,7 @@ def test_every_scheme_matches_numpy_on_the_raw_activations(outlier_model, tmp_pa
         err = (numpy_fake(x, t, sc, kind, qmax) - x).astype(np.float64)
         want = quant.error_metrics(count, float(a.astype(np.float64).sum()), float((x.astype(np.float64) ** 2).sum()),
                                    float(np.abs(err).sum()), float((err ** 2).sum()), int((a > t).sum()))
-        got = rows[(name, fmt_name, s.granularity, quant.policy_name(s.policy, 0.999))]
+        got = rows[(name, fmt_name, s.granularity, fakequant.policy_name(s.policy, 0.999))]
         for key in ('mae', 'rmse', 'rel_mae', 'rel_rmse', 'sqnr_db'):
           assert got[key] == pytest.approx(want[key], rel=2e-4), (name, fmt_name, s, key)
         assert got['clip_rate'] == pytest.approx(want['clip_rate'], abs=2.5 / count), (name, fmt_name, s)

@@ -97,6 +97,14 @@ def dense(features: int, name: str, *, dtype: DType, use_bias: bool = False) -> 
                 name=name)
 
 
+class Probe(nn.Module):
+  """An identity module: a named point where the capture interceptor sees a value."""
+
+  @nn.compact
+  def __call__(self, x):
+    return x
+
+
 class DenseParams(nn.Module):
   """The parameters of a `dense` Linear (same names and shapes), without applying it:
   several projections of one input are then one matmul (`fused_dense`)."""
@@ -352,8 +360,10 @@ class Attention(nn.Module):
     if c.qk_norm:
       q = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='q_norm')(q)
       key = RMSNorm(c.rms_norm_eps, self.dtype, c.norm_offset, c.norm_weight_fp32, name='k_norm')(key)
-    q = apply_rope(q, cos, sin)
-    key = apply_rope(key, cos, sin)
+    # The operands of the attention products, as named points (qeval's `+attn` quantizes them).
+    q = Probe(name='q')(apply_rope(q, cos, sin))
+    key = Probe(name='k')(apply_rope(key, cos, sin))
+    value = Probe(name='v')(value)
     q = q.reshape(b, t, k, h // k, hd)
     sinks = self.param('sinks', nn.initializers.zeros, (h,), self.dtype) if c.attention_sinks else None
     if t > ATTENTION_BLOCK:

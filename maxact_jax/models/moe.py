@@ -54,14 +54,6 @@ EXPERT_ACTIVATIONS = ('silu', 'clamped_swiglu')
 DISPATCH_ENV = 'MAXACT_MOE_DISPATCH'  # 'ragged' | 'tiled' | unset (by backend)
 
 
-class Probe(nn.Module):
-  """An identity module: a named point where the capture interceptor sees a value."""
-
-  @nn.compact
-  def __call__(self, x):
-    return x
-
-
 # ---------------------------------------------------------------------------
 # Routing.
 
@@ -200,18 +192,36 @@ def sort_assignments(index: Array, num_experts: int) -> tuple[Array, Array, Arra
   return order, flat[order], sizes
 
 
-def _ffn(x, w_gate_up, b_gate_up, w_down, b_down, act, dtype):
-  """One expert's FFN on rows x [m, D]: act(x W_gu + b) W_d + b (`layers.matmul`'s policy)."""
+def _expert_hidden(x, w_gate_up, b_gate_up, act, dtype):
+  """One expert's hidden activation on rows x [m, D]: act(x W_gu + b) [m, I] (`layers.matmul`'s policy)."""
   gate, up = jnp.split(layers.matmul(x, w_gate_up, dtype, b_gate_up), 2, axis=-1)
-  return layers.matmul(act(gate, up), w_down, dtype, b_down)
+  return act(gate, up)
 
 
-def grouped_ffn_ragged(x, experts, sizes, params, act, dtype, restore=None):
+def _expert_out(h, w_down, b_down, dtype):
+  """One expert's output on hidden rows h [m, I]: h W_d + b [m, D] (`layers.matmul`'s policy)."""
+  return layers.matmul(h, w_down, dtype, b_down)
+
+
+def _ffn(x, w_gate_up, b_gate_up, w_down, b_down, act, dtype):
+  """One expert's FFN on rows x [m, D]: act(x W_gu + b) W_d + b."""
+  return _expert_out(_expert_hidden(x, w_gate_up, b_gate_up, act, dtype), w_down, b_down, dtype)
+
+
+Hidden = Callable[[Array, Array], Array]
+"""(hidden rows [R, I], mask [R] of the rows that hold a real assignment) -> the rows
+the down projection reads. A point where a caller may change (e.g. fake-quantize)
+every expert's hidden activation as one tensor."""
+
+
+def grouped_ffn_ragged(x, experts, sizes, params, act, dtype, restore=None, hidden: Hidden | None = None,
+                       row_valid=None):
   """All experts' FFNs on expert-sorted rows x [M, D] with `jax.lax.ragged_dot`
   (`layers.matmul`'s policy: precision, accumulation, the bias before the rounding).
 
   Returns the output rows in sorted order, or permuted by `restore` ([M] indices
-  into the sorted rows) when given.
+  into the sorted rows) when given. `hidden` sees the [M, I] hidden rows (with
+  `row_valid` [M], default all) before the down projection.
   """
   w_gu, b_gu, w_d, b_d = params
 
@@ -223,17 +233,23 @@ def grouped_ffn_ragged(x, experts, sizes, params, act, dtype, restore=None):
     return out.astype(dtype)
 
   gate, up = jnp.split(product(x, w_gu, b_gu), 2, axis=-1)
-  y = product(act(gate, up), w_d, b_d)
+  h = act(gate, up)
+  if hidden is not None:
+    h = hidden(h, jnp.ones(h.shape[:1], bool) if row_valid is None else row_valid)
+  y = product(h, w_d, b_d)
   return y if restore is None else y[restore]
 
 
-def grouped_ffn_tiled(x, experts, sizes, params, act, dtype, restore=None, tile: int | None = None):
+def grouped_ffn_tiled(x, experts, sizes, params, act, dtype, restore=None, tile: int | None = None,
+                      hidden: Hidden | None = None, row_valid=None):
   """All experts' FFNs on expert-sorted rows x [M, D], one tile of rows at a time.
 
   Each expert's rows are padded to a multiple of `tile`; tile t belongs to one
   expert, and only the tiles in use run (a while loop with a traced trip count).
   Returns the output rows in sorted order, or permuted by `restore` (one gather
-  from the padded layout instead of two).
+  from the padded layout instead of two). With `hidden`, the tiles run in two
+  loops (hidden rows of every tile, then `hidden` on all of them at once, then
+  the down projections), so that it sees the whole tensor.
   """
   w_gu, b_gu, w_d, b_d = params
   m, d = x.shape
@@ -246,19 +262,63 @@ def grouped_ffn_tiled(x, experts, sizes, params, act, dtype, restore=None, tile:
   num_tiles = -(-m // tile) + e  # sum_e ceil(g_e / tile) never exceeds this
   xp = jnp.zeros((num_tiles * tile, d), x.dtype).at[rows].set(x)
   tile_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side='right'), e - 1)
+  # An expert's weights by their bits (layers.take): a bf16 slice with an index from
+  # the loop would have XLA:CPU convert every expert to float32 first.
+  pick = lambda a, j: None if a is None else layers.take(a, j)
+  used = padded_end[-1] // tile
 
   def body(t, out):
     xt = jax.lax.dynamic_slice_in_dim(xp, t * tile, tile)
     j = tile_expert[t]
-    # The expert's weights by their bits (layers.take): a bf16 slice with an index
-    # from the loop would have XLA:CPU convert every expert to float32 first.
-    w = [None if a is None else layers.take(a, j) for a in (w_gu, b_gu, w_d, b_d)]
-    y = _ffn(xt, *w, act, dtype)
+    y = _ffn(xt, pick(w_gu, j), pick(b_gu, j), pick(w_d, j), pick(b_d, j), act, dtype)
     return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile, 0)
 
-  used = padded_end[-1] // tile
-  out = jax.lax.fori_loop(0, used, body, jnp.zeros((num_tiles * tile, w_d.shape[-1]), x.dtype))
+  def hidden_body(t, hp):
+    j = tile_expert[t]
+    h = _expert_hidden(jax.lax.dynamic_slice_in_dim(xp, t * tile, tile), pick(w_gu, j), pick(b_gu, j), act, dtype)
+    return jax.lax.dynamic_update_slice_in_dim(hp, h.astype(hp.dtype), t * tile, 0)
+
+  def out_body(t, out):
+    j = tile_expert[t]
+    y = _expert_out(jax.lax.dynamic_slice_in_dim(hp, t * tile, tile), pick(w_d, j), pick(b_d, j), dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, y.astype(out.dtype), t * tile, 0)
+
+  out = jnp.zeros((num_tiles * tile, w_d.shape[-1]), x.dtype)
+  if hidden is None:
+    out = jax.lax.fori_loop(0, used, body, out)
+  else:
+    hp = jax.lax.fori_loop(0, used, hidden_body, jnp.zeros((num_tiles * tile, w_d.shape[-2]), x.dtype))
+    mask = jnp.zeros((num_tiles * tile,), bool).at[rows].set(True if row_valid is None else row_valid)
+    hp = hidden(hp, mask)
+    out = jax.lax.fori_loop(0, used, out_body, out)
   return out[rows if restore is None else rows[restore]]
+
+
+def experts_forward(m: MoEConfig, dtype: DType, params: dict[str, Array], x: Array, index: Array, weights: Array,
+                    hidden: Hidden | None = None, token_valid: Array | None = None) -> tuple[Array, Array]:
+  """The routed experts on tokens x [N, D] with routing index/weights [N, K], given their
+  parameters (`Experts`' names): (combined [N, D], per-assignment outputs [N, K, D]).
+
+  `hidden` (see `Hidden`) sees every expert's hidden rows before the down projection;
+  `token_valid` [N] says which tokens are real (default: all), for its mask.
+  """
+  n, d = x.shape
+  e, k = m.num_experts, m.num_experts_per_tok
+  order, experts, sizes = sort_assignments(index, e)
+  token = order // k
+  rows = x[token]  # [M, D]
+  w = (params['gate_up_proj'], params.get('gate_up_proj_bias'), params['down_proj'], params.get('down_proj_bias'))
+  grouped = grouped_ffn_ragged if dispatch_impl() == 'ragged' else grouped_ffn_tiled
+  inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  extra = {} if hidden is None else {'hidden': hidden,
+                                     'row_valid': None if token_valid is None else token_valid[token]}
+  y = grouped(rows, experts, sizes, w, expert_activation(m), dtype, restore=inverse, **extra).reshape(n, k, d)
+  # Combine in float32 and cast once (Ling's moe_infer does this; transformers'
+  # qwen3_moe/glm4_moe/gpt-oss accumulate with index_add_ in the model dtype: equal
+  # in float32, within a bf16 rounding per add otherwise).
+  combined = jnp.einsum('NKD,NK->ND', y.astype(jnp.float32), weights.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST)
+  return combined.astype(dtype), y
 
 
 class Experts(nn.Module):
@@ -272,27 +332,15 @@ class Experts(nn.Module):
   def __call__(self, x: Array, index: Array, weights: Array) -> tuple[Array, Array]:
     """x [N, D], index [N, K], weights [N, K] -> (combined [N, D], per-assignment outputs [N, K, D])."""
     m = self.moe
-    n, d = x.shape
-    e, k, i = m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size
+    d = x.shape[-1]
+    e, i = m.num_experts, m.moe_intermediate_size
     init = nn.initializers.normal(0.02)
-    w_gu = self.param('gate_up_proj', init, (e, d, 2 * i), self.dtype)
-    w_d = self.param('down_proj', init, (e, i, d), self.dtype)
-    b_gu = b_d = None
+    params = {'gate_up_proj': self.param('gate_up_proj', init, (e, d, 2 * i), self.dtype),
+              'down_proj': self.param('down_proj', init, (e, i, d), self.dtype)}
     if m.expert_bias:
-      b_gu = self.param('gate_up_proj_bias', nn.initializers.zeros, (e, 2 * i), self.dtype)
-      b_d = self.param('down_proj_bias', nn.initializers.zeros, (e, d), self.dtype)
-    order, experts, sizes = sort_assignments(index, e)
-    rows = x[order // k]  # [M, D]
-    params = (w_gu, b_gu, w_d, b_d)
-    grouped = grouped_ffn_ragged if dispatch_impl() == 'ragged' else grouped_ffn_tiled
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    y = grouped(rows, experts, sizes, params, expert_activation(m), self.dtype, restore=inverse).reshape(n, k, d)
-    # Combine in float32 and cast once (Ling's moe_infer does this; transformers'
-    # qwen3_moe/glm4_moe/gpt-oss accumulate with index_add_ in the model dtype: equal
-    # in float32, within a bf16 rounding per add otherwise).
-    combined = jnp.einsum('NKD,NK->ND', y.astype(jnp.float32), weights.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)
-    return combined.astype(self.dtype), y
+      params['gate_up_proj_bias'] = self.param('gate_up_proj_bias', nn.initializers.zeros, (e, 2 * i), self.dtype)
+      params['down_proj_bias'] = self.param('down_proj_bias', nn.initializers.zeros, (e, d), self.dtype)
+    return experts_forward(m, self.dtype, params, x, index, weights)
 
 
 class MoEBlock(nn.Module):
@@ -307,7 +355,7 @@ class MoEBlock(nn.Module):
     b, t, d = x.shape
     k = m.num_experts_per_tok
     logits, weights, index, probs = Router(m, self.dtype, name=m.router_name)(x)
-    Probe(name='router_logits')(logits if m.router_logits_tap == 'logits' else weights)
+    layers.Probe(name='router_logits')(logits if m.router_logits_tap == 'logits' else weights)
     routed, per_assignment = Experts(m, self.dtype, name='experts')(
         x.reshape(-1, d), index.reshape(-1, k), weights.reshape(-1, k))
     out = routed.reshape(b, t, d)
@@ -326,5 +374,5 @@ class MoEBlock(nn.Module):
       out = out + shared
       probe['shared'] = shared
     probe['output'] = out
-    Probe(name='moe_experts')(probe)
+    layers.Probe(name='moe_experts')(probe)
     return out
