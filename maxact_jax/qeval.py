@@ -458,13 +458,7 @@ class Calibrations:
   def calibration(self, chain: tuple[str, ...]) -> dict:
     """Per-channel max |x| of every site (and tap extremes, expert tokens) under `chain`."""
     if chain not in self.max:
-      config, params, info = self.model(chain)
-      acc = SiteAccumulator(config)
-      step = make_calibration_step(config, self.dtype, hist=False, online=info.get('online'))
-      key = '+'.join(chain) or 'none'
-      self.timings[f'calibration_{key}_s'] = self.runner.run(lambda p, i, v: step(p, i, v, None), params, acc,
-                                                             f'{self.runner.model_name} calibrate {key}')
-      self.max[chain] = acc.sites
+      self.max[chain] = self._site_pass(chain, None)
     return self.max[chain]
 
   def histograms(self, chain: tuple[str, ...]) -> dict:
@@ -473,14 +467,21 @@ class Calibrations:
       per_site = split_sites(self.calibration(chain), 'ch_max')
       uppers = layer_table(self.config, {s: {l: float(m.max()) for l, m in per.items()}
                                          for s, per in per_site.items()})
-      config, params, info = self.model(chain)
-      acc = SiteAccumulator(config)
-      step = make_calibration_step(config, self.dtype, hist=True, online=info.get('online'))
-      key = '+'.join(chain) or 'none'
-      self.timings[f'calibration_hist_{key}_s'] = self.runner.run(lambda p, i, v: step(p, i, v, uppers), params, acc,
-                                                                  f'{self.runner.model_name} histograms {key}')
-      self.hist[chain] = acc.sites
+      self.hist[chain] = self._site_pass(chain, uppers)
     return self.hist[chain]
+
+  def _site_pass(self, chain: tuple[str, ...], uppers: Any) -> dict:
+    """One pass over the calibration samples under `chain`: every site's per-channel max |x|,
+    or with `uppers` (each site's histogram range) `quant`'s linear histograms of |x|."""
+    config, params, info = self.model(chain)
+    acc = SiteAccumulator(config)
+    hist = uppers is not None
+    step = make_calibration_step(config, self.dtype, hist=hist, online=info.get('online'))
+    key = '+'.join(chain) or 'none'
+    timing, label = (f'calibration_hist_{key}_s', 'histograms') if hist else (f'calibration_{key}_s', 'calibrate')
+    self.timings[timing] = self.runner.run(lambda p, i, v: step(p, i, v, uppers), params, acc,
+                                           f'{self.runner.model_name} {label} {key}')
+    return acc.sites
 
   def thresholds(self, chain: tuple[str, ...], clip: float | None) -> dict[str, dict[int, float]]:
     """Static per-tensor thresholds of every site: the calibrated max |x|, or its clip quantile."""
